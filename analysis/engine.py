@@ -1,0 +1,205 @@
+"""Run a timm VisionTransformer block by block, with reducers between its steps.
+
+The engine calls the model's own submodules (patch_embed, blocks' norm/attn/ls/mlp,
+norm, head) and keeps all state in local variables, so the model is never mutated and
+one cached model can serve many sessions at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+from analysis.errors import ScheduleError, TokenScopeError
+from analysis.flops import CostReport, count_macs
+from analysis.images import CropInfo, to_tensor
+from analysis.models import LoadedModel, model_facts
+from analysis.reducers.base import Reducer, Signals, Site, TokenState
+from analysis.schedule import ResolvedSchedule, Schedule, parse_schedule
+from analysis.trace import Trace, TraceBuilder
+
+
+@dataclass
+class RunResult:
+    logits: Tensor | None  # [B, classes] or None for a backbone
+    features: Tensor  # [B, D] pooled features
+    trace: Trace
+    cost: CostReport
+    schedule: Schedule
+    crops: list[CropInfo] | None = None
+
+    @property
+    def gmacs(self) -> float:
+        return self.cost.gmacs
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.trace.tokens
+
+
+def run(
+    model: LoadedModel,
+    images: Tensor | Image.Image | list[Image.Image],
+    schedule: Schedule | str | None = None,
+    *,
+    precision: str = "fp32",
+) -> RunResult:
+    """Run ``model`` on images with a reduction schedule.
+
+    Args:
+        model: from :func:`analysis.load_model`.
+        images: a preprocessed [B, 3, H, W] tensor, or PIL image(s) to preprocess.
+        schedule: a :class:`Schedule`, its text or JSON form, or None for no reduction.
+        precision: ``"fp32"`` or ``"bf16"`` (autocast; GPU use).
+    """
+    schedule = parse_schedule(schedule)
+    crops = None
+    if isinstance(images, Image.Image):
+        images = [images]
+    if isinstance(images, list):
+        images, crops = to_tensor(images, model.data_config)
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise TokenScopeError(f"expected images of shape [B, 3, H, W], got {tuple(images.shape)}")
+    module = model.module
+    patch = module.patch_embed.patch_size
+    height, width = images.shape[-2:]
+    if height % patch[0] or width % patch[1]:
+        raise TokenScopeError(
+            f"input {height}×{width} px is not a multiple of the patch size {patch[0]}"
+        )
+    if height != width:
+        raise TokenScopeError(f"square inputs only, got {height}×{width} px")
+    facts = model_facts(module, model.name, height)
+    resolved = schedule.resolve(facts)
+    _attach_weights(resolved, model)
+    cost = count_macs(facts, resolved, module)
+    device = model.device
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+    try:
+        with torch.inference_mode(), autocast:
+            logits, features, trace = forward(module, images.to(device), resolved)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        raise TokenScopeError(
+            f"the GPU ran out of memory on a batch of {images.shape[0]} at {height} px; "
+            "use a smaller batch or run on the CPU"
+        ) from None
+    if trace.tokens != cost.tokens:
+        raise AssertionError(f"token counts {trace.tokens} differ from the analytic {cost.tokens}")
+    return RunResult(
+        logits=logits, features=features, trace=trace, cost=cost, schedule=schedule, crops=crops
+    )
+
+
+def _attach_weights(resolved: ResolvedSchedule, model: LoadedModel) -> None:
+    """Give learned reducers their weights from the model's loaded checkpoints."""
+    for layer, reducer in resolved.reducers():
+        bind = getattr(reducer, "bind", None)
+        if bind is None:
+            continue
+        weights = model.learned.get(reducer.name)
+        if weights is None:
+            raise ScheduleError(
+                f"{reducer.label} needs trained weights for {model.name}; none are loaded"
+            )
+        bind(weights, layer)
+
+
+def embed(module: nn.Module, images: Tensor) -> tuple[Tensor, tuple[int, int]]:
+    """Patch embedding plus prefix tokens and position embedding, resampled as timm does."""
+    from timm.layers import resample_abs_pos_embed
+
+    patch_embed = module.patch_embed
+    x = patch_embed.proj(images)
+    grid = (x.shape[-2], x.shape[-1])
+    x = patch_embed.norm(x.flatten(2).transpose(1, 2))
+    prefix = [
+        token.expand(x.shape[0], -1, -1)
+        for token in (module.cls_token, getattr(module, "dist_token", None), module.reg_token)
+        if token is not None
+    ]
+    pos_embed = module.pos_embed
+    if pos_embed is not None and grid != tuple(patch_embed.grid_size):
+        pos_embed = resample_abs_pos_embed(
+            pos_embed,
+            new_size=grid,
+            old_size=patch_embed.grid_size,
+            num_prefix_tokens=0 if module.no_embed_class else module.num_prefix_tokens,
+        )
+    if pos_embed is not None and module.no_embed_class:
+        x = x + pos_embed
+    x = torch.cat([*prefix, x], dim=1)
+    if pos_embed is not None and not module.no_embed_class:
+        x = x + pos_embed
+    x = module.pos_drop(x)
+    return module.norm_pre(x), grid
+
+
+def attend(
+    attn: nn.Module, x: Tensor, mask: Tensor | None, reducers: list[Reducer], num_prefix: int
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """timm Attention with an optional float mask; also the keys and CLS attention if asked."""
+    batch, num_tokens, _ = x.shape
+    qkv = attn.qkv(x).reshape(batch, num_tokens, 3, attn.num_heads, attn.head_dim)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    out = attn.norm(out.transpose(1, 2).reshape(batch, num_tokens, attn.attn_dim))
+    out = attn.proj(out)
+
+    keys = k.mean(dim=1) if any(r.needs_keys for r in reducers) else None
+    cls_attn = None
+    if any(r.needs_cls_attn for r in reducers):
+        logits = (q[:, :, :1] * attn.scale) @ k.transpose(-2, -1)  # [B, H, 1, T]
+        if mask is not None:
+            logits = logits + mask
+        cls_attn = logits.float().softmax(dim=-1).mean(dim=1)[:, 0, num_prefix:]
+    return out, keys, cls_attn
+
+
+def forward(
+    module: nn.Module, images: Tensor, resolved: ResolvedSchedule
+) -> tuple[Tensor | None, Tensor, Trace]:
+    """The block-by-block forward pass; returns logits, pooled features and the trace."""
+    x, grid = embed(module, images)
+    num_prefix = module.num_prefix_tokens
+    batch = x.shape[0]
+    size = torch.ones(batch, x.shape[1], device=x.device)
+    merged_any = False
+    tracer = TraceBuilder(batch, grid, num_prefix, x.device)
+
+    def reduce(
+        reducer: Reducer, x: Tensor, size: Tensor, signals: Signals
+    ) -> tuple[Tensor, Tensor]:
+        reduction = reducer.reduce(TokenState(x, size, num_prefix), signals)
+        tracer.apply(signals.layer, reducer.name, reduction)
+        return reduction.x, reduction.size
+
+    for layer, (block, plan) in enumerate(zip(module.blocks, resolved.layers, strict=True)):
+        active = [r for r in (plan.inside, plan.between) if r is not None]
+        mask = None
+        if resolved.proportional_attention and merged_any:
+            mask = size.log().to(x.dtype)[:, None, None, :]
+        normed = block.norm1(x)
+        attn_out, keys, cls_attn = attend(block.attn, normed, mask, active, num_prefix)
+        x = x + block.ls1(attn_out)
+        if plan.inside is not None:
+            signals = Signals(layer=layer, keys=keys, cls_attn=cls_attn, block_input=normed)
+            x, size = reduce(plan.inside, x, size, signals)
+        x = x + block.ls2(block.mlp(block.norm2(x)))
+        if plan.between is not None:
+            x, size = reduce(plan.between, x, size, Signals(layer=layer))
+        merged_any = merged_any or bool(active)  # log(1) = 0: a no-op until tokens merge
+        tracer.end_layer(layer, size)
+
+    x = module.norm(x)
+    features = module.forward_head(x, pre_logits=True)
+    logits = module.forward_head(x) if getattr(module, "num_classes", 0) > 0 else None
+    return logits, features, tracer.finish()
+
+
+__all__ = ["RunResult", "Site", "run"]

@@ -145,6 +145,7 @@ class Reducer(ABC):
     needs_class_token: ClassVar[bool] = False
     proportional_attention: ClassVar[bool] = False
     description: ClassVar[str] = ""
+    strength: ClassVar[str | None] = None  # the parameter that sets how much is reduced
 
     def __init__(self, **values: Any) -> None:
         self.values: dict[str, Any] = dict(values)

@@ -25,6 +25,7 @@ class RandomDrop(Reducer):
     name: ClassVar[str] = "random"
     label: ClassVar[str] = "Random"
     site: ClassVar[Site] = Site.INSIDE
+    strength: ClassVar[str] = "keep"
     description: ClassVar[str] = "Keep a seeded random subset of the tokens"
     params: ClassVar[tuple[Param, ...]] = (
         Param("keep", float, 0.7, 0.01, 1.0, "fraction of patch tokens kept"),

@@ -99,6 +99,7 @@ class ToMe(Reducer):
     site: ClassVar[Site] = Site.INSIDE
     needs_keys: ClassVar[bool] = True
     proportional_attention: ClassVar[bool] = True
+    strength: ClassVar[str] = "r"
     description: ClassVar[str] = "Merge the r most similar token pairs (keys, bipartite matching)"
     params: ClassVar[tuple[Param, ...]] = (
         Param("r", int, 8, 0, 4096, "tokens merged per layer (a list gives r per layer)", True),

@@ -33,6 +33,7 @@ class TopK(Reducer):
     site: ClassVar[Site] = Site.INSIDE
     needs_cls_attn: ClassVar[bool] = True
     needs_class_token: ClassVar[bool] = True
+    strength: ClassVar[str] = "keep"
     description: ClassVar[str] = "Keep the tokens with the highest CLS attention"
     params: ClassVar[tuple[Param, ...]] = (
         Param("keep", float, 0.7, 0.01, 1.0, "fraction of patch tokens kept"),

@@ -6,13 +6,15 @@ import os
 import sys
 from pathlib import Path
 
+# Tests never reach the hub; huggingface_hub reads this once, at import.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import timm
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from analysis.models import LoadedModel, from_module  # noqa: E402
 
@@ -39,3 +41,20 @@ def deit_small() -> LoadedModel:
     torch.manual_seed(0)
     module = timm.create_model("deit_small_patch16_224", pretrained=False)
     return from_module(module, "deit_small_patch16_224", "random")
+
+
+@pytest.fixture(scope="session")
+def default_model(tmp_path_factory) -> LoadedModel:
+    """The embedded DINOv2 default, converted once into a throwaway cache."""
+    from analysis import load_model
+
+    cache = tmp_path_factory.mktemp("tokenscope-cache")
+    previous = os.environ.get("TOKENSCOPE_CACHE")
+    os.environ["TOKENSCOPE_CACHE"] = str(cache)
+    try:
+        return load_model("default")
+    finally:
+        if previous is None:
+            os.environ.pop("TOKENSCOPE_CACHE", None)
+        else:
+            os.environ["TOKENSCOPE_CACHE"] = previous

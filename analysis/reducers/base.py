@@ -218,12 +218,13 @@ def select_tokens(state: TokenState, keep_idx: Tensor, scores: Tensor | None = N
 def merge_by_map(state: TokenState, token_map: Tensor, num_out: int) -> tuple[Tensor, Tensor]:
     """Size-weighted average of the tokens that ``token_map`` sends to each new index."""
     batch, _, dim = state.x.shape
-    size = state.size.float()
+    work = torch.promote_types(state.x.dtype, torch.float32)  # sums in at least fp32
+    size = state.size.to(work)
     index = token_map.unsqueeze(-1).expand(-1, -1, dim)
-    weighted = state.x.float() * size.unsqueeze(-1)
+    weighted = state.x.to(work) * size.unsqueeze(-1)
     summed = weighted.new_zeros(batch, num_out, dim).scatter_add_(1, index, weighted)
     new_size = size.new_zeros(batch, num_out).scatter_add_(1, token_map, size)
-    return (summed / new_size.unsqueeze(-1)).to(state.x.dtype), new_size
+    return (summed / new_size.unsqueeze(-1)).to(state.x.dtype), new_size.to(state.size.dtype)
 
 
 def topk_patch_indices(scores: Tensor, keep: int, num_prefix: int) -> Tensor:

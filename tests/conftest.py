@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-# Tests never reach the hub; huggingface_hub reads this once, at import.
+# Tests never reach the hub (huggingface_hub reads this once, at import), and never touch
+# the user's own cache: the default model is converted into a throwaway folder.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ["TOKENSCOPE_CACHE"] = tempfile.mkdtemp(prefix="tokenscope-test-cache-")
 
 import pytest
 import timm
@@ -44,17 +47,8 @@ def deit_small() -> LoadedModel:
 
 
 @pytest.fixture(scope="session")
-def default_model(tmp_path_factory) -> LoadedModel:
-    """The embedded DINOv2 default, converted once into a throwaway cache."""
+def default_model() -> LoadedModel:
+    """The embedded DINOv2 default, converted once into the session's throwaway cache."""
     from analysis import load_model
 
-    cache = tmp_path_factory.mktemp("tokenscope-cache")
-    previous = os.environ.get("TOKENSCOPE_CACHE")
-    os.environ["TOKENSCOPE_CACHE"] = str(cache)
-    try:
-        return load_model("default")
-    finally:
-        if previous is None:
-            os.environ.pop("TOKENSCOPE_CACHE", None)
-        else:
-            os.environ["TOKENSCOPE_CACHE"] = previous
+    return load_model("default")

@@ -248,6 +248,8 @@ def solve_schedule(
     value, other = _search(spec, macs, target_macs)
     if spec.kind is float:
         value = _shortest(value, macs, spec)
+    elif abs(macs(value) - target_macs) > tolerance_gmacs * 1e9:
+        value = _blend_per_layer(base, facts, spec, value, other, macs, target_macs)
     solved = with_strength(base, cls.name, spec.name, value)
     ends = (macs(_low(spec)) / 1e9, macs(_high(spec)) / 1e9)
     result = MatchedSchedule(
@@ -264,6 +266,28 @@ def solve_schedule(
         reachable_range=(min(ends), max(ends)),
     )
     return replace(result, message=_explain(result, spec, other, macs))
+
+
+def _blend_per_layer(
+    base: Schedule,
+    facts: ModelFacts,
+    spec: Param,
+    value: int | float,
+    other: int | float | None,
+    macs: Callable[[int | float], int],
+    target: float,
+) -> int | float | tuple[int, ...]:
+    """Between two neighbouring integers, an explicit per-layer list (ToMe's list form):
+    the first k layers take the larger value, the rest the smaller; the k closest to the
+    target wins. Used only when one integer for every layer misses the tolerance."""
+    if not spec.allows_list or other is None or len(base.parts) != 1:
+        return value
+    part = base.parts[0]
+    num_layers = len(part.layers) if part.layers is not None else facts.depth
+    high, low = max(value, other), min(value, other)
+    candidates = [tuple([high] * k + [low] * (num_layers - k)) for k in range(num_layers + 1)]
+    best = min(candidates, key=lambda values: abs(macs(values) - target))
+    return best if abs(macs(best) - target) < abs(macs(value) - target) else value
 
 
 def _search(

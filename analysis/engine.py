@@ -8,6 +8,7 @@ one cached model can serve many sessions at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -99,7 +100,8 @@ def _attach_weights(resolved: ResolvedSchedule, model: LoadedModel) -> None:
     """Give learned reducers their weights from the model's loaded checkpoints."""
     for layer, reducer in resolved.reducers():
         bind = getattr(reducer, "bind", None)
-        if bind is None:
+        wants = getattr(reducer, "wants_weights", None)
+        if bind is None or (wants is not None and not wants()):
             continue
         weights = model.learned.get(reducer.name)
         if weights is None:
@@ -162,28 +164,52 @@ def attend(
 
 
 def forward(
-    module: nn.Module, images: Tensor, resolved: ResolvedSchedule
-) -> tuple[Tensor | None, Tensor, Trace]:
-    """The block-by-block forward pass; returns logits, pooled features and the trace."""
+    module: nn.Module, images: Tensor, resolved: ResolvedSchedule, *, train: Any = None
+) -> tuple[Tensor | None, Tensor, Trace | None]:
+    """The block-by-block forward pass; returns logits, pooled features and the trace.
+
+    With ``train`` (an :class:`analysis.learned.TrainContext`) this is the differentiable
+    training forward: reducers that define ``reduce_train`` use it, and no trace is built.
+    Reducers with a truthy ``keeps_aside`` (Cropr's last-layer fusion) set their removed
+    tokens aside; those come back, as they were, before the final block.
+    """
     x, grid = embed(module, images)
     num_prefix = module.num_prefix_tokens
     batch = x.shape[0]
     size = torch.ones(batch, x.shape[1], device=x.device)
     merged_any = False
-    tracer = TraceBuilder(batch, grid, num_prefix, x.device)
+    tracer = TraceBuilder(batch, grid, num_prefix, x.device) if train is None else None
+    aside = _Aside(batch, grid[0] * grid[1], x.device)
+    for _, reducer in resolved.reducers():
+        prepare = getattr(reducer, "prepare", None)  # per-run inputs from the images
+        if prepare is not None:
+            prepare(module, images)
 
     def reduce(
         reducer: Reducer, x: Tensor, size: Tensor, signals: Signals
     ) -> tuple[Tensor, Tensor]:
-        reduction = reducer.reduce(TokenState(x, size, num_prefix), signals)
-        tracer.apply(signals.layer, reducer.name, reduction)
+        state = TokenState(x, size, num_prefix)
+        reduce_train = getattr(reducer, "reduce_train", None)
+        if train is not None and reduce_train is not None:
+            reduction = reduce_train(state, signals, train)
+        else:
+            reduction = reducer.reduce(state, signals)
+        if getattr(reducer, "keeps_aside", False):
+            aside.keep(state, reduction, None if tracer is None else tracer.owner)
+        if tracer is not None:
+            tracer.apply(signals.layer, reducer.name, reduction)
         return reduction.x, reduction.size
 
+    last = len(module.blocks) - 1
     for layer, (block, plan) in enumerate(zip(module.blocks, resolved.layers, strict=True)):
+        if layer == last and aside.count:
+            x, size = aside.restore(x, size, tracer)
         active = [r for r in (plan.inside, plan.between) if r is not None]
         mask = None
         if resolved.proportional_attention and merged_any:
-            mask = size.log().to(x.dtype)[:, None, None, :]
+            # Zero-size tokens (PatchMerger outputs no patch chose, DTEM's faded tokens in
+            # training) get a large negative bias instead of -inf.
+            mask = size.clamp(min=1e-6).log().to(x.dtype)[:, None, None, :]
         normed = block.norm1(x)
         attn_out, keys, cls_attn = attend(block.attn, normed, mask, active, num_prefix)
         x = x + block.ls1(attn_out)
@@ -194,12 +220,64 @@ def forward(
         if plan.between is not None:
             x, size = reduce(plan.between, x, size, Signals(layer=layer))
         merged_any = merged_any or bool(active)  # log(1) = 0: a no-op until tokens merge
-        tracer.end_layer(layer, size)
+        if tracer is not None:
+            tracer.end_layer(layer, size)
 
     x = module.norm(x)
     features = module.forward_head(x, pre_logits=True)
-    logits = module.forward_head(x) if getattr(module, "num_classes", 0) > 0 else None
-    return logits, features, tracer.finish()
+    logits = None
+    if getattr(module, "num_classes", 0) > 0:
+        # DeiT-distilled averages two heads over two tokens; elsewhere reuse the pooling.
+        distilled = getattr(module, "head_dist", None) is not None
+        logits = module.forward_head(x) if distilled else module.head(features)
+    return logits, features, None if tracer is None else tracer.finish()
+
+
+class _Aside:
+    """Tokens a reducer removed but keeps for later (Cropr's last-layer fusion).
+
+    They return, unchanged since their removal, at the end of the sequence before the
+    final block; in the trace the patches they carry get owners again while their
+    ``dropped_at`` keeps the layer at which they were set aside.
+    """
+
+    def __init__(self, batch: int, num_patches: int, device: torch.device) -> None:
+        self.x: list[Tensor] = []
+        self.size: list[Tensor] = []
+        self.count = 0
+        self.patch_slot = torch.full((batch, num_patches), -1, dtype=torch.long, device=device)
+
+    def keep(self, state: TokenState, reduction: Any, owner: Tensor | None) -> None:
+        dropped = reduction.token_map < 0  # [B, T_old]
+        counts = dropped.sum(dim=1)
+        if int(counts.max()) == 0:
+            return
+        if int(counts.min()) != int(counts.max()):
+            raise AssertionError("tokens set aside must be as many in every image")
+        k = int(counts[0])
+        order = torch.argsort((~dropped).to(torch.int8), dim=1, stable=True)[:, :k]
+        dim = state.x.shape[-1]
+        self.x.append(state.x.gather(1, order.unsqueeze(-1).expand(-1, -1, dim)))
+        self.size.append(state.size.gather(1, order))
+        if owner is not None:
+            slot_of_old = torch.full_like(reduction.token_map, -1)
+            ranks = torch.arange(k, device=order.device).expand_as(order) + self.count
+            slot_of_old.scatter_(1, order, ranks)
+            alive = owner >= 0
+            slot = torch.where(alive, slot_of_old.gather(1, owner.clamp(min=0)), -1)
+            self.patch_slot = torch.where(slot >= 0, slot, self.patch_slot)
+        self.count += k
+
+    def restore(
+        self, x: Tensor, size: Tensor, tracer: TraceBuilder | None
+    ) -> tuple[Tensor, Tensor]:
+        if tracer is not None:
+            back = self.patch_slot >= 0
+            tracer.owner = torch.where(back, self.patch_slot + x.shape[1], tracer.owner)
+        x = torch.cat([x, *(t.to(x.dtype) for t in self.x)], dim=1)
+        size = torch.cat([size, *self.size], dim=1)
+        self.x, self.size, self.count = [], [], 0
+        return x, size
 
 
 __all__ = ["RunResult", "Site", "run"]

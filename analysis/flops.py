@@ -89,17 +89,22 @@ def count_macs(
     """Cost of one image through the model under ``resolved``, layer by layer."""
     tokens = facts.num_patches + facts.num_prefix
     layers = []
+    aside = 0  # tokens set aside by a reducer with `keeps_aside` (Cropr's LLF)
     for index, plan in enumerate(resolved.layers):
+        if aside and index == len(resolved.layers) - 1:  # they return before the final block
+            tokens, aside = tokens + aside, 0
         tokens_in = tokens
         reducer_macs = 0
         if plan.inside is not None:
             reducer_macs += plan.inside.own_macs(tokens, facts)
-            tokens = plan.inside.output_tokens(tokens, facts.num_prefix)
+            before, tokens = tokens, plan.inside.output_tokens(tokens, facts.num_prefix)
+            aside += before - tokens if getattr(plan.inside, "keeps_aside", False) else 0
         tokens_mlp = tokens
         macs = block_macs(facts, tokens_in, tokens_mlp)
         if plan.between is not None:
             reducer_macs += plan.between.own_macs(tokens, facts)
-            tokens = plan.between.output_tokens(tokens, facts.num_prefix)
+            before, tokens = tokens, plan.between.output_tokens(tokens, facts.num_prefix)
+            aside += before - tokens if getattr(plan.between, "keeps_aside", False) else 0
         layers.append(LayerCost(index, tokens_in, tokens_mlp, tokens, macs, reducer_macs))
     return CostReport(
         layers=tuple(layers),

@@ -6,6 +6,7 @@ instance can serve many concurrent sessions.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -122,6 +123,7 @@ def load_model(
     *,
     device: str | torch.device = "cpu",
     img_size: int | None = None,
+    learned: Iterable[str | Path] = (),
 ) -> LoadedModel:
     """Load a model for the engine.
 
@@ -131,6 +133,9 @@ def load_model(
             ``.safetensors``/``.pth``/``.pt`` checkpoint.
         device: where the module lives.
         img_size: build the model at another input size (the position grid is resampled).
+        learned: weights files for learned reducers (``python -m analysis train`` output or
+            an official DTEM checkpoint); each must fit this backbone. The default model
+            also gets the files shipped in ``assets/``.
     """
     if name == DEFAULT_NAME:
         module, data_config = _load_default()
@@ -139,7 +144,35 @@ def load_model(
         module, data_config, weights_label = _load_timm(name, weights, img_size)
     check_supported(module, name)
     module = module.eval().requires_grad_(False).to(device)
-    return LoadedModel(name=name, module=module, data_config=data_config, weights=weights_label)
+    model = LoadedModel(name=name, module=module, data_config=data_config, weights=weights_label)
+    if name == DEFAULT_NAME:
+        model = _with_shipped(model)
+    return with_learned(model, *learned) if learned else model
+
+
+def with_learned(model: LoadedModel, *paths: str | Path) -> LoadedModel:
+    """A new LoadedModel with learned-reducer weights added; ``model`` is left as it was.
+
+    A file made for another backbone raises CheckpointMismatchError, saying which.
+    """
+    from analysis.learned import attach, load_learned
+
+    return attach(model, [load_learned(path, model) for path in paths])
+
+
+def _with_shipped(model: LoadedModel) -> LoadedModel:
+    """Attach the weights shipped in ``assets/`` for this backbone (skipping misfits)."""
+    import warnings
+
+    from analysis.learned import attach, load_learned, shipped_assets
+
+    found = []
+    for path in shipped_assets(model):
+        try:
+            found.append(load_learned(path, model))
+        except ModelLoadError as error:
+            warnings.warn(f"skipping shipped weights {path.name}: {error}", stacklevel=3)
+    return attach(model, found) if found else model
 
 
 def from_module(module: nn.Module, name: str, weights: str = "in-memory") -> LoadedModel:

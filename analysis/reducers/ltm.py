@@ -1,0 +1,142 @@
+"""LTM: learnable token merging (Wang & Yang, arXiv 2407.15219, TPAMI 2025).
+
+The paper's block: attention gives Z (N tokens); a mask module takes Z and the previous
+block's mask and outputs a merging mask G (N×N′); the MLP runs on the merged tokens Gᵀ Z.
+The official repository lacks the block, so the mask module here is our reading (every
+choice is listed in docs/methods.md):
+
+* Scores: ``s_i = w·LN(z_i) + b + α·log(size_i)``. The previous block's mask enters through
+  the token sizes it produced (its column sums), weighted by a learned α.
+* The N′ = ⌈keep·N⌉ best-scoring patch tokens are the merge targets (columns of G).
+* Row i of G: ``softmax_j(cos(LN z_i, LN z_j) / τ + s_j)`` over the targets j, with a
+  learned temperature τ; a target token keeps itself. Columns are normalised with the
+  sizes, so every merged token is a size-weighted average.
+* Training uses G soft; inference makes it hard (each token to its best target), which is
+  a size-weighted merge like ToMe's. The module has D + 3 parameters (plus LN's 2D).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from analysis.learned import LearnedReducer, TrainContext
+from analysis.reducers.base import (
+    ModelFacts,
+    Param,
+    Reducer,
+    Reduction,
+    Signals,
+    Site,
+    TokenState,
+    identity_reduction,
+    merge_by_map,
+)
+from analysis.reducers.topk import kept_patches
+
+
+class LTMMask(nn.Module):
+    """The mask module of one block: token scores and the soft merging mask."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.config = {"dim": dim}
+        self.norm = nn.LayerNorm(dim)
+        self.score = nn.Linear(dim, 1)
+        nn.init.trunc_normal_(self.score.weight, std=0.02)
+        nn.init.zeros_(self.score.bias)
+        self.size_weight = nn.Parameter(torch.zeros(()))  # α: the previous mask's sizes
+        self.log_tau = nn.Parameter(torch.tensor(math.log(0.1)))
+
+    def forward(self, patches: Tensor, size: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Scores [B, N], target indices [B, N′] (sorted), assignment logits [B, N, N′]."""
+        normed = self.norm(patches)
+        scores = self.score(normed).squeeze(-1).float()
+        scores = scores + self.size_weight * size.float().clamp(min=1e-6).log()
+        targets = scores.topk(keep, dim=1).indices.sort(dim=1).values
+        unit = F.normalize(normed.float(), dim=-1)
+        target_unit = unit.gather(1, targets.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
+        logits = unit @ target_unit.transpose(-1, -2) / self.log_tau.exp()
+        logits = logits + scores.gather(1, targets).unsqueeze(1)
+        return scores, targets, logits
+
+
+class LTM(LearnedReducer, Reducer):
+    name: ClassVar[str] = "ltm"
+    label: ClassVar[str] = "LTM"
+    site: ClassVar[Site] = Site.INSIDE
+    proportional_attention: ClassVar[bool] = True
+    strength: ClassVar[str] = "keep"
+    module_class: ClassVar[type[nn.Module]] = LTMMask
+    description: ClassVar[str] = (
+        "Merge N tokens into keep·N with a learned merging mask (needs trained weights)"
+    )
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("keep", float, 0.9, 0.01, 1.0, "compression ratio N′/N of the patch tokens"),
+    )
+
+    @classmethod
+    def new_module(cls, facts: ModelFacts, values: dict[str, Any], aux_out: int = 0) -> nn.Module:
+        return LTMMask(facts.dim)
+
+    def output_tokens(self, num_tokens: int, num_prefix: int) -> int:
+        return num_prefix + kept_patches(self.values["keep"], num_tokens - num_prefix)
+
+    def own_macs(self, num_tokens: int, facts: ModelFacts) -> int:
+        patches = num_tokens - facts.num_prefix
+        keep = kept_patches(self.values["keep"], patches)
+        if keep == patches:
+            return 0
+        return patches * facts.dim + patches * keep * facts.dim  # scores, then similarities
+
+    def _mask(self, state: TokenState) -> tuple[int, Tensor, Tensor, Tensor] | None:
+        prefix = state.num_prefix
+        patches = state.num_tokens - prefix
+        keep = kept_patches(self.values["keep"], patches)
+        if keep == patches:
+            return None
+        scores, targets, logits = self.module(state.x[:, prefix:], state.size[:, prefix:], keep)
+        return keep, scores, targets, logits
+
+    def reduce(self, state: TokenState, signals: Signals) -> Reduction:
+        found = self._mask(state)
+        if found is None:
+            return identity_reduction(state)
+        keep, scores, targets, logits = found
+        prefix = state.num_prefix
+        batch = state.x.shape[0]
+        choice = logits.argmax(dim=-1)  # [B, N]: hard G
+        own = torch.arange(keep, device=choice.device).expand(batch, -1)
+        choice = choice.scatter(1, targets, own)  # a target keeps itself
+        prefix_map = torch.arange(prefix, device=choice.device).expand(batch, -1)
+        token_map = torch.cat([prefix_map, choice + prefix], dim=1)
+        x, size = merge_by_map(state, token_map, prefix + keep)
+        padded = torch.cat([scores.new_full((batch, prefix), torch.nan), scores], dim=1)
+        return Reduction(x=x, size=size, token_map=token_map, scores=padded)
+
+    def reduce_train(self, state: TokenState, signals: Signals, ctx: TrainContext) -> Reduction:
+        """Soft G: every token spreads its size over the targets; targets keep themselves."""
+        found = self._mask(state)
+        if found is None:
+            return identity_reduction(state)
+        keep, _, targets, logits = found
+        prefix = state.num_prefix
+        batch = state.x.shape[0]
+        soft = logits.softmax(dim=-1)
+        own = F.one_hot(torch.arange(keep, device=soft.device), keep).to(soft.dtype)
+        index = targets.unsqueeze(-1).expand(-1, -1, keep)
+        soft = soft.scatter(1, index, own.expand(batch, -1, -1))
+        size = state.size[:, prefix:].to(soft.dtype)
+        weights = soft * size.unsqueeze(-1)  # [B, N, N′]
+        new_size = weights.sum(dim=1)  # [B, N′]
+        merged = weights.transpose(-1, -2) @ state.x[:, prefix:].to(soft.dtype)
+        merged = merged / new_size.unsqueeze(-1)
+        x = torch.cat([state.x[:, :prefix], merged.to(state.x.dtype)], dim=1)
+        size = torch.cat([state.size[:, :prefix], new_size.to(state.size.dtype)], dim=1)
+        prefix_map = torch.arange(prefix, device=x.device).expand(batch, -1)
+        token_map = torch.cat([prefix_map, soft.argmax(dim=-1) + prefix], dim=1)
+        return Reduction(x=x, size=size, token_map=token_map)

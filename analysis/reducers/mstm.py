@@ -1,0 +1,177 @@
+"""Multi-Scale Token Mergence (Bian et al., arXiv 2306.04897): keep the crucial tokens,
+merge the others into them, with multi-scale features fused first.
+
+No code was found; the abstract gives the idea and the rest is our reading (see
+docs/methods.md):
+
+* Importance is the CLS attention of the block, averaged over heads. The ⌈keep·N⌉
+  patches with the highest importance are the crucial tokens.
+* Each non-crucial token merges, size-weighted, into its most similar crucial token by
+  cosine similarity of the attention keys (averaged over heads, as ToMe's metric).
+* Multi-scale fusion (``ms=1``, learned): the image downsampled 2× is patch-embedded with
+  the model's own patch embedding and position embedding (a coarse grid of ⌊g/2⌋² tokens);
+  a learned ``Linear(D, D)`` (zero at initialisation) maps each coarse token, which is
+  then added to the fine tokens it covers, just before the first reduction of the part.
+  The training-free core (``ms=0``, the default) needs no weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from analysis.learned import LearnedReducer
+from analysis.reducers.base import (
+    ModelFacts,
+    Param,
+    Reducer,
+    Reduction,
+    Signals,
+    Site,
+    TokenState,
+    identity_reduction,
+    merge_by_map,
+)
+from analysis.reducers.topk import kept_patches
+
+
+class MultiScaleFusion(nn.Module):
+    """The learned projection of the coarse tokens (zero-initialised: starts as a no-op)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.config = {"dim": dim}
+        self.proj = nn.Linear(dim, dim)
+        nn.init.zeros_(self.proj.weight)
+        nn.init.zeros_(self.proj.bias)
+
+    def forward(self, coarse: Tensor) -> Tensor:
+        return self.proj(coarse)
+
+
+def coarse_tokens(module: nn.Module, images: Tensor) -> tuple[Tensor, int, int]:
+    """Patch-embed the image at half resolution: tokens [B, gc², D], fine and coarse grids."""
+    from timm.layers import resample_abs_pos_embed
+
+    patch_embed = module.patch_embed
+    patch = patch_embed.patch_size[0]
+    fine = images.shape[-1] // patch
+    coarse = max(1, fine // 2)
+    small = F.interpolate(
+        images, size=(coarse * patch, coarse * patch), mode="bilinear", antialias=True
+    )
+    x = patch_embed.proj(small).flatten(2).transpose(1, 2)
+    x = patch_embed.norm(x)
+    pos_embed = module.pos_embed
+    if pos_embed is not None:
+        prefix = 0 if module.no_embed_class else module.num_prefix_tokens
+        grid = resample_abs_pos_embed(
+            pos_embed,
+            new_size=(coarse, coarse),
+            old_size=patch_embed.grid_size,
+            num_prefix_tokens=prefix,
+        )
+        x = x + grid[:, prefix:]
+    return x, fine, coarse
+
+
+class MSTM(LearnedReducer, Reducer):
+    name: ClassVar[str] = "mstm"
+    label: ClassVar[str] = "MSTM"
+    site: ClassVar[Site] = Site.INSIDE
+    needs_keys: ClassVar[bool] = True
+    needs_cls_attn: ClassVar[bool] = True
+    needs_class_token: ClassVar[bool] = True
+    proportional_attention: ClassVar[bool] = True
+    strength: ClassVar[str] = "keep"
+    module_class: ClassVar[type[nn.Module]] = MultiScaleFusion
+    description: ClassVar[str] = (
+        "Keep the tokens with the highest CLS attention, merge each other one into its most "
+        "similar kept token; ms=1 fuses a coarse patch grid first (trained weights)"
+    )
+    params: ClassVar[tuple[Param, ...]] = (
+        Param("keep", float, 0.7, 0.01, 1.0, "fraction of patch tokens kept as crucial"),
+        Param("ms", bool, False, help="multi-scale fusion before the first reduction (learned)"),
+    )
+
+    _coarse: Tensor | None = None
+    _grids: tuple[int, int] = (0, 0)
+
+    @classmethod
+    def expand(cls, values: dict[str, Any], num_layers: int) -> list[dict[str, Any]]:
+        return [{**values, "first": index == 0} for index in range(num_layers)]
+
+    @classmethod
+    def new_module(cls, facts: ModelFacts, values: dict[str, Any], aux_out: int = 0) -> nn.Module:
+        return MultiScaleFusion(facts.dim)
+
+    def _fuses(self) -> bool:
+        return bool(self.values["ms"]) and bool(self.values.get("first", False))
+
+    def wants_weights(self) -> bool:
+        return self._fuses()
+
+    def prepare(self, module: nn.Module, images: Tensor) -> None:
+        if self._fuses():
+            self._coarse, fine, coarse = coarse_tokens(module, images)
+            self._grids = (fine, coarse)
+
+    def output_tokens(self, num_tokens: int, num_prefix: int) -> int:
+        return num_prefix + kept_patches(self.values["keep"], num_tokens - num_prefix)
+
+    def own_macs(self, num_tokens: int, facts: ModelFacts) -> int:
+        patches = num_tokens - facts.num_prefix
+        keep = kept_patches(self.values["keep"], patches)
+        macs = 0
+        if self._fuses() and patches == facts.num_patches:
+            coarse = max(1, math.isqrt(facts.num_patches) // 2) ** 2
+            embed = coarse * facts.in_chans * facts.patch_size**2 * facts.dim
+            macs += embed + coarse * facts.dim * facts.dim
+        if keep < patches:
+            head_dim = facts.dim // facts.num_heads
+            macs += num_tokens * facts.dim  # the CLS attention row
+            macs += (patches - keep) * keep * head_dim  # similarity to the crucial tokens
+        return macs
+
+    def fuse(self, state: TokenState) -> TokenState:
+        """Add the projected coarse tokens to the fine tokens they cover (full grid only)."""
+        fine, coarse = self._grids
+        prefix = state.num_prefix
+        if self._coarse is None or state.num_tokens != prefix + fine * fine:
+            return state
+        added = self.module(self._coarse.to(state.x.dtype))  # [B, gc², D]
+        batch, _, dim = added.shape
+        grid = added.transpose(1, 2).reshape(batch, dim, coarse, coarse)
+        grid = F.interpolate(grid, size=(fine, fine), mode="nearest")
+        added = grid.flatten(2).transpose(1, 2)
+        x = torch.cat([state.x[:, :prefix], state.x[:, prefix:] + added], dim=1)
+        return TokenState(x, state.size, prefix)
+
+    def reduce(self, state: TokenState, signals: Signals) -> Reduction:
+        assert signals.cls_attn is not None and signals.keys is not None
+        if self._fuses():
+            state = self.fuse(state)
+        prefix = state.num_prefix
+        patches = state.num_tokens - prefix
+        keep = kept_patches(self.values["keep"], patches)
+        batch = state.x.shape[0]
+        importance = signals.cls_attn.float()
+        padded = torch.cat([importance.new_full((batch, prefix), torch.nan), importance], 1)
+        if keep == patches:
+            reduction = identity_reduction(state)
+            reduction.scores = padded
+            return reduction
+        crucial = importance.topk(keep, dim=1).indices.sort(dim=1).values  # [B, K]
+        keys = F.normalize(signals.keys[:, prefix:].float(), dim=-1)
+        crucial_keys = keys.gather(1, crucial.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
+        target = (keys @ crucial_keys.transpose(-1, -2)).argmax(dim=-1)  # [B, N]
+        own = torch.arange(keep, device=target.device).expand(batch, -1)
+        target = target.scatter(1, crucial, own)  # a crucial token keeps itself
+        prefix_map = torch.arange(prefix, device=target.device).expand(batch, -1)
+        token_map = torch.cat([prefix_map, target + prefix], dim=1)
+        x, size = merge_by_map(state, token_map, prefix + keep)
+        return Reduction(x=x, size=size, token_map=token_map, scores=padded)

@@ -1,0 +1,227 @@
+"""The seed methods (DTEM, PatchMerger, Token Cropr, LTM, MSTM) at inference.
+
+Every method runs on tiny random models of several families with untrained modules, and
+its trace must keep the invariants the viewer relies on.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from analysis import ScheduleError, run
+from analysis.learned import attach, init_weights
+from analysis.reducers import REDUCERS
+from analysis.reducers.dtem import DTEMMetric, soft_top_r
+from analysis.reducers.tome import match_bipartite
+from tests.conftest import tiny
+
+SCHEDULES = {
+    "dtem": "dtem:r=3",
+    "patchmerger": "patchmerger:tokens=4@1",
+    "cropr-llf": "cropr:rate=2@0-1",
+    "cropr": "cropr:rate=2,llf=0@0-2",
+    "ltm": "ltm:keep=0.8",
+    "mstm": "mstm:keep=0.5@1,2",
+    "mstm-ms": "mstm:keep=0.5,ms=1@1,2",
+}
+FAMILIES = {
+    "plain CLS": ("vit_small_patch16_224", {}),
+    "DeiT distilled": ("deit_tiny_distilled_patch16_224", {}),
+    "DINOv2 registers": ("vit_small_patch14_reg4_dinov2", {"img_size": 56}),
+}
+
+
+def learned(model, schedule):
+    return attach(model, init_weights(model, [schedule]).values())
+
+
+def check_trace(result, model) -> None:
+    """Each patch has one carrier or was dropped once; sizes add up; prefix untouched."""
+    trace = result.trace
+    prefix = model.module.num_prefix_tokens
+    num_patches = trace.num_patches
+    assert result.tokens == result.cost.tokens
+    dropped_at = trace.dropped_at
+    for record in trace.layers:
+        owner = record.owner
+        alive = owner >= 0
+        assert torch.all(owner[alive] >= prefix)  # no patch lands on a prefix token
+        assert torch.all(owner < record.tokens)
+        # a patch without a carrier was dropped at or before this layer
+        assert torch.all((dropped_at[~alive] >= 0) & (dropped_at[~alive] <= record.layer))
+        assert torch.all(record.sizes[:, :prefix] == 1)
+        patch_sizes = record.sizes[:, prefix:].sum(dim=1)
+        assert torch.allclose(patch_sizes, alive.sum(dim=1).float())
+        # every patch token carries exactly its patches: sizes agree with the owner map
+        counts = torch.zeros_like(record.sizes).scatter_add_(
+            1, owner.clamp(min=0).long(), alive.float()
+        )
+        assert torch.allclose(counts[:, prefix:], record.sizes[:, prefix:])
+    assert dropped_at.shape == (result.features.shape[0], num_patches)
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=list(FAMILIES))
+@pytest.mark.parametrize("key", SCHEDULES, ids=list(SCHEDULES))
+def test_shapes_and_trace_invariants(key, family):
+    name, overrides = FAMILIES[family]
+    model = learned(tiny(name, **overrides), SCHEDULES[key])
+    size = model.data_config.input_size
+    result = run(model, torch.randn(2, 3, size, size), SCHEDULES[key])
+    assert result.features.shape == (2, model.module.embed_dim)
+    assert torch.isfinite(result.features).all()
+    check_trace(result, model)
+
+
+@pytest.mark.parametrize("key", SCHEDULES, ids=list(SCHEDULES))
+def test_deterministic(key):
+    model = learned(tiny("vit_small_patch16_224"), SCHEDULES[key])
+    images = torch.randn(2, 3, 64, 64)
+    first = run(model, images, SCHEDULES[key])
+    second = run(model, images, SCHEDULES[key])
+    assert torch.equal(first.features, second.features)
+    for a, b in zip(first.trace.layers, second.trace.layers, strict=True):
+        assert torch.equal(a.owner, b.owner)
+
+
+def test_every_seed_method_is_registered_with_params():
+    for name in ("dtem", "patchmerger", "cropr", "ltm", "mstm"):
+        cls = REDUCERS[name]
+        assert cls.params and cls.label and cls.description
+        assert cls.strength in {p.name for p in cls.params}
+
+
+@pytest.mark.parametrize("schedule", ["dtem:r=2", "patchmerger@1", "cropr@0", "ltm@1"])
+def test_learned_methods_without_weights_say_so(schedule):
+    model = tiny("vit_small_patch16_224")
+    with pytest.raises(ScheduleError, match="needs trained weights"):
+        run(model, torch.randn(1, 3, 64, 64), schedule)
+
+
+def test_mstm_core_needs_no_weights():
+    model = tiny("vit_small_patch16_224")
+    result = run(model, torch.randn(1, 3, 64, 64), "mstm:keep=0.5@1")
+    assert result.tokens[1] == 1 + 8
+    with pytest.raises(ScheduleError, match="needs trained weights"):
+        run(model, torch.randn(1, 3, 64, 64), "mstm:keep=0.5,ms=1@1")
+
+
+def test_missing_layer_and_wrong_token_count_are_explained():
+    model = learned(tiny("vit_small_patch16_224"), "patchmerger:tokens=4@1")
+    with pytest.raises(ScheduleError, match="no trained module for layer 2"):
+        run(model, torch.randn(1, 3, 64, 64), "patchmerger:tokens=4@2")
+    with pytest.raises(ScheduleError, match="trained with tokens=4"):
+        run(model, torch.randn(1, 3, 64, 64), "patchmerger:tokens=6@1")
+
+
+def keys_as_metric(model) -> dict[int, nn.Module]:
+    """DTEM metric layers that compute exactly ToMe's metric: keys averaged over heads."""
+    modules = {}
+    for layer, block in enumerate(model.module.blocks):
+        attn = block.attn
+        dim = attn.qkv.in_features
+        weight = attn.qkv.weight[dim : 2 * dim].reshape(attn.num_heads, attn.head_dim, dim)
+        bias = attn.qkv.bias[dim : 2 * dim].reshape(attn.num_heads, attn.head_dim)
+        module = DTEMMetric(dim, attn.head_dim)
+        module.proj.weight.data.copy_(weight.mean(dim=0))
+        module.proj.bias.data.copy_(bias.mean(dim=0))
+        modules[layer] = module.eval()
+    return modules
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=list(FAMILIES))
+def test_dtem_inference_equals_tome_with_keys_as_metric(family):
+    name, overrides = FAMILIES[family]
+    model = tiny(name, **overrides)
+    from analysis.reducers.base import LearnedWeights
+
+    model = attach(model, [LearnedWeights("dtem", keys_as_metric(model))])
+    size = model.data_config.input_size
+    images = torch.randn(2, 3, size, size)
+    dtem = run(model, images, "dtem:r=3")
+    tome = run(model, images, "tome:r=3")
+    assert dtem.tokens == tome.tokens
+    for a, b in zip(dtem.trace.layers, tome.trace.layers, strict=True):
+        assert torch.equal(a.owner, b.owner)
+    assert torch.allclose(dtem.features, tome.features, atol=1e-5)
+    # the metric layer costs N·D·f on top of ToMe's matching
+    assert dtem.cost.macs > tome.cost.macs
+
+
+def test_dtem_matching_is_tome_matching():
+    torch.manual_seed(0)
+    metric = torch.randn(2, 11, 8)
+    token_map, num_out = match_bipartite(metric, 3, 1)
+    assert num_out == 8
+    assert torch.all(token_map[:, 0] == 0)
+
+
+def test_soft_top_r_chooses_about_r_edges_once_each():
+    torch.manual_seed(0)
+    scores = torch.randn(2, 16, 15).tanh()
+    assign = soft_top_r(scores, r=5, k2=3, tau1=0.1, tau2=0.1)
+    rows = assign.sum(dim=-1)
+    assert torch.all(rows <= 1 + 1e-5)
+    assert torch.allclose(assign.sum(dim=(1, 2)), torch.full((2,), 5.0), atol=0.5)
+    assert torch.all((assign > 0).sum(dim=-1) <= 3)  # only the k2 candidates
+    # low temperatures make it nearly hard: the chosen rows are the best edges
+    best = scores.max(dim=-1).values.topk(5, dim=1).indices
+    chosen = rows.topk(5, dim=1).indices
+    assert torch.equal(best.sort(dim=1).values, chosen.sort(dim=1).values)
+
+
+def test_patchmerger_trace_shows_soft_and_hard_assignment():
+    model = learned(tiny("vit_small_patch16_224"), "patchmerger:tokens=4@1")
+    result = run(model, torch.randn(2, 3, 64, 64), "patchmerger:tokens=4@1")
+    record = result.trace.layers[1]
+    assert record.soft_assignment is not None
+    assert record.soft_assignment.shape == (2, 16, 5)
+    # each output's weights over the patches sum to one (softmax over the inputs)
+    assert torch.allclose(record.soft_assignment[..., 1:].sum(dim=1), torch.ones(2, 4))
+    hard = record.soft_assignment[..., 1:].argmax(dim=-1) + 1
+    assert torch.equal(hard.int(), record.owner)
+
+
+def test_cropr_scores_are_the_heatmap_and_llf_restores_tokens():
+    model = learned(tiny("vit_small_patch16_224"), "cropr:rate=2@0-1")
+    result = run(model, torch.randn(2, 3, 64, 64), "cropr:rate=2@0-1")
+    trace = result.trace
+    assert trace.layers[0].scores is not None and torch.isfinite(trace.layers[0].scores).all()
+    # the first module prunes rate + 1, the next rate; LLF brings all back for the last block
+    assert result.tokens == [17 - 3, 17 - 5, 17 - 5, 17]
+    assert torch.all(trace.layers[-1].owner >= 1)
+    assert (trace.dropped_at >= 0).sum(dim=1).tolist() == [5, 5]
+    # the restored tokens come back unchanged since their pruning: last-layer counts agree
+    assert result.cost.layers[-1].tokens_in == 17
+
+
+def test_cropr_keeps_prefix_tokens_first():
+    model = learned(tiny("vit_small_patch14_reg4_dinov2", img_size=56), "cropr:rate=4@0")
+    result = run(model, torch.randn(1, 3, 56, 56), "cropr:rate=4,llf=0@0")
+    assert result.tokens[0] == 5 + 16 - 5
+    assert torch.all(result.trace.layers[0].owner[result.trace.dropped_at < 0] >= 5)
+
+
+def test_mstm_multiscale_starts_as_the_core_and_changes_with_weights():
+    model = learned(tiny("vit_small_patch16_224"), "mstm:keep=0.5,ms=1@1,2")
+    images = torch.randn(2, 3, 64, 64)
+    core = run(model, images, "mstm:keep=0.5@1,2")
+    fused = run(model, images, "mstm:keep=0.5,ms=1@1,2")
+    assert torch.allclose(core.features, fused.features, atol=1e-6)  # zero-initialised
+    assert fused.cost.macs > core.cost.macs  # the coarse branch is counted
+    module = model.learned["mstm"].modules[1]
+    changed = type(module)(**module.config)
+    nn.init.normal_(changed.proj.weight, std=0.05)
+    from analysis.reducers.base import LearnedWeights
+
+    other = attach(model, [LearnedWeights("mstm", {1: changed})])
+    moved = run(other, images, "mstm:keep=0.5,ms=1@1,2")
+    assert not torch.allclose(core.features, moved.features, atol=1e-4)
+
+
+def test_ltm_scores_feed_the_heatmap():
+    model = learned(tiny("vit_small_patch16_224"), "ltm:keep=0.5@1")
+    result = run(model, torch.randn(1, 3, 64, 64), "ltm:keep=0.5@1")
+    assert result.tokens[1] == 1 + 8
+    assert result.trace.layers[1].scores is not None

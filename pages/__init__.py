@@ -1,0 +1,1 @@
+"""The app's pages (run through st.navigation in app.py) and their shared sidebar."""

@@ -1,0 +1,426 @@
+"""Explore: what the ViT does to every patch of one image, layer by layer.
+
+Layout only. The model runs through ``analysis.run`` once per (model, image, schedule),
+cached; moving the layer slider reruns only the ``layer_views`` fragment, which redraws
+from the cached trace with the pure renderers in ``viz``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import numpy as np
+import pandas as pd
+import streamlit as st
+
+from analysis import LoadedModel, Schedule, ScheduleError, TokenScopeError, parse_schedule
+from analysis.reducers import REDUCERS
+from pages.common import (
+    ImageChoice,
+    ModelKey,
+    TimedRun,
+    cached_run,
+    check_schedule,
+    crop_sidebar,
+    display_array,
+    image_sidebar,
+    model_sidebar,
+    usable_presets,
+)
+from viz import charts, overlays, summary
+from viz.schedule_table import (
+    CUSTOM_PRESET,
+    LAYER_COLUMN,
+    NO_METHOD,
+    editor_columns,
+    matching_preset,
+    method_help,
+    rows_to_schedule,
+    schedule_to_rows,
+)
+
+SCHEDULE_HELP = (
+    "`METHOD:key=value,…@LAYERS` parts joined by `;`. Layers are 0-based: `3,6,9` or `0-5`; "
+    "no `@` means every layer. Examples: `tome:r=8`, `evit:keep=0.7@3,6,9`, "
+    "`tome:r=[16,12,8]`, `none`."
+)
+
+
+@dataclass(frozen=True)
+class View:
+    """What the layer views draw from: the cached runs and the display image."""
+
+    image: np.ndarray
+    reduced: TimedRun
+    full: TimedRun
+    image_label: str
+
+
+# --------------------------------------------------------------------------- schedule inputs
+
+
+def _bump_editor() -> None:
+    st.session_state["editor_version"] = st.session_state.get("editor_version", 0) + 1
+    st.session_state.pop("editor_error", None)
+
+
+def _on_preset(choices: dict[str, str]) -> None:
+    title = st.session_state["schedule_preset"]
+    if title in choices:
+        st.session_state["schedule_text"] = choices[title]
+    _bump_editor()
+
+
+def _on_text(choices: dict[str, str], depth: int) -> None:
+    text = st.session_state["schedule_text"]
+    st.session_state["schedule_preset"] = matching_preset(text, choices, depth)
+    _bump_editor()
+
+
+def _on_editor(key: str, rows: list[dict], depth: int, choices: dict[str, str]) -> None:
+    edits = st.session_state.get(key, {}).get("edited_rows", {})
+    table = [dict(row) for row in rows]
+    for index, changes in edits.items():
+        table[int(index)].update(changes)
+    try:
+        text = rows_to_schedule(table, depth).to_text()
+    except ScheduleError as error:
+        st.session_state["editor_error"] = str(error)
+        return
+    st.session_state["schedule_text"] = text
+    st.session_state["schedule_preset"] = matching_preset(text, choices, depth)
+    _bump_editor()
+
+
+def schedule_sidebar(model: LoadedModel):
+    """Preset, text and per-layer editor, kept in sync; returns the schedule to run and
+    the placeholder for messages about it."""
+    state = st.session_state
+    depth = model.facts.depth
+    choices = usable_presets(model)
+    options = [*choices, CUSTOM_PRESET]
+    first_method = next((t for t in choices if choices[t] != "none"), None)
+    state.setdefault("schedule_text", choices[first_method] if first_method else "none")
+    if state.get("schedule_preset") not in options:
+        state["schedule_preset"] = matching_preset(state["schedule_text"], choices, depth)
+
+    st.sidebar.header("Schedule")
+    st.sidebar.selectbox(
+        "Preset", options, key="schedule_preset", on_change=_on_preset, args=(choices,)
+    )
+    st.sidebar.text_area(
+        "Schedule text",
+        key="schedule_text",
+        on_change=_on_text,
+        args=(choices, depth),
+        help=SCHEDULE_HELP,
+    )
+    slot = st.sidebar.empty()
+    try:
+        schedule = check_schedule(state["schedule_text"], model)
+        state["last_valid_schedule"] = schedule.to_json()
+    except ScheduleError as error:
+        schedule = _fallback_schedule(model)
+        shown = "no reduction" if schedule.is_empty else f"`{schedule.to_text()}`"
+        slot.error(f"{error}\n\nShowing the last valid schedule: {shown}.")
+
+    with st.sidebar.expander("Per-layer editor", expanded=False):
+        rows = schedule_to_rows(schedule, depth)
+        key = f"schedule_editor_{state.get('editor_version', 0)}_{depth}"
+        config = {
+            LAYER_COLUMN: st.column_config.NumberColumn("layer", disabled=True, width="small")
+        }
+        for column in editor_columns():
+            config[column.method] = st.column_config.SelectboxColumn(
+                column.method_title,
+                options=column.options,
+                required=True,
+                width="small",
+                help=f"Methods that run at the '{column.site.value}' site of a layer",
+            )
+            config[column.params] = st.column_config.TextColumn(
+                column.params_title, help="key=value pairs; empty for the defaults"
+            )
+        st.data_editor(
+            pd.DataFrame(rows),
+            key=key,
+            column_config=config,
+            hide_index=True,
+            num_rows="fixed",
+            on_change=_on_editor,
+            args=(key, rows, depth, choices),
+        )
+        if state.get("editor_error"):
+            st.error(state["editor_error"])
+        st.caption(f"Pick `{NO_METHOD}` for no reducer. Edits rewrite the schedule text.")
+    with st.sidebar.expander("Methods and parameters"):
+        st.dataframe(pd.DataFrame(method_help()), hide_index=True)
+        for cls in REDUCERS.values():
+            st.caption(f"**{cls.label}** (`{cls.name}`, {cls.site.value}): {cls.description}")
+    return schedule, slot
+
+
+def _fallback_schedule(model: LoadedModel) -> Schedule:
+    text = st.session_state.get("last_valid_schedule")
+    if text:
+        try:
+            return check_schedule(text, model)
+        except ScheduleError:
+            pass
+    return Schedule()
+
+
+# --------------------------------------------------------------------------- views
+
+
+def _png_button(label: str, image: np.ndarray, file_name: str, key: str) -> None:
+    st.download_button(
+        label,
+        data=partial(overlays.to_png, image),
+        file_name=file_name,
+        mime="image/png",
+        key=key,
+        on_click="ignore",
+        icon=":material/download:",
+    )
+
+
+def _no_scores_message(view: View, layer: int) -> str:
+    trace = view.reduced.result.trace
+    methods = trace.layers[layer].methods
+    labels = [REDUCERS[m].label if m in REDUCERS else m for m in methods]
+    if labels:
+        message = f"{' and '.join(labels)} at layer {layer} computes no importance scores"
+    else:
+        message = f"No reducer runs at layer {layer}, so there are no importance scores"
+    scored = overlays.scored_layers(trace)
+    if scored:
+        return f"{message}. Scores exist after layer {', '.join(map(str, scored))}."
+    return f"{message}. None of this schedule's methods scores tokens."
+
+
+@st.fragment
+def layer_views(view: View) -> None:
+    """The per-layer pictures and charts; the slider reruns only this fragment."""
+    trace = view.reduced.result.trace
+    depth = len(trace.layers)
+    state = st.session_state
+    if state.get("layer", depth - 1) > depth - 1:
+        state["layer"] = depth - 1
+    state.setdefault("layer", depth - 1)
+    top = st.columns([3, 2, 1], vertical_alignment="bottom")
+    layer = top[0].slider(
+        "State after layer", 0, depth - 1, key="layer", help="0-based; the input has every patch"
+    )
+    mode = top[1].radio("Segments", ["mean colour", "tint"], horizontal=True, key="segment_mode")
+    boundaries = top[2].toggle("Boundaries", value=True, key="segment_boundaries")
+    record = trace.layers[layer]
+    methods = ", ".join(REDUCERS[m].label if m in REDUCERS else m for m in record.methods)
+    st.caption(
+        f"After layer {layer}: **{record.tokens}** tokens "
+        f"(of {view.full.result.trace.layers[layer].tokens}); "
+        + (f"reduced here by {methods}." if methods else "no reducer at this layer.")
+    )
+
+    image = view.image
+    segments = overlays.render_segments(
+        image, trace, layer, mode="mean" if mode == "mean colour" else "tint", boundaries=boundaries
+    )
+    pruned = overlays.render_pruned(image, trace, layer)
+    depth_map = overlays.render_token_depth(image, trace)
+    scores = overlays.layer_scores(trace, layer)
+
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Merged-token segments**")
+        st.image(segments, output_format="PNG", width="stretch")
+        st.caption("Each token's patches form one segment; colours follow a segment across layers.")
+        _png_button("Segments PNG", segments, f"segments_layer{layer}.png", "dl_segments")
+    with right:
+        st.markdown("**Pruned patches**")
+        st.image(pruned, output_format="PNG", width="stretch")
+        st.caption(
+            "Colour: a token of its own · grey: merged or fused with others · dark: dropped."
+        )
+        _png_button("Pruned PNG", pruned, f"pruned_layer{layer}.png", "dl_pruned")
+    left, right = st.columns(2)
+    with left:
+        st.markdown("**Token depth**: the layer where each patch was merged or dropped")
+        st.image(depth_map, output_format="PNG", width="stretch")
+        _png_button("Token depth PNG", depth_map, "token_depth.png", "dl_depth")
+    with right:
+        st.markdown(f"**Importance scores used at layer {layer}**")
+        if scores is None:
+            st.info(_no_scores_message(view, layer))
+        else:
+            heatmap = overlays.render_heatmap(image, trace, layer)
+            st.image(heatmap, output_format="PNG", width="stretch")
+            st.caption("Scores the reducer ranked tokens by; dark patches were already gone.")
+            _png_button("Heatmap PNG", heatmap, f"heatmap_layer{layer}.png", "dl_heatmap")
+
+    left, right = st.columns(2)
+    reduced_cost, full_cost = view.reduced.result.cost, view.full.result.cost
+    left.plotly_chart(charts.tokens_chart(reduced_cost, full_cost, layer), key="tokens_chart")
+    right.plotly_chart(charts.gmacs_chart(reduced_cost, full_cost, layer), key="gmacs_chart")
+
+
+def filmstrip(view: View) -> None:
+    trace = view.reduced.result.trace
+    small = overlays.thumbnail(view.image, 8 * max(trace.grid))
+    pictures = [
+        overlays.render_segments(small, trace, layer, mode="tint", thickness=1)
+        for layer in range(len(trace.layers))
+    ]
+    captions = [f"{i}: {record.tokens} tokens" for i, record in enumerate(trace.layers)]
+    st.image(pictures, caption=captions, width=112, output_format="PNG")
+
+
+def model_output(view: View, model: LoadedModel) -> None:
+    reduced, full = view.reduced.result, view.full.result
+    if reduced.logits is not None and full.logits is not None:
+        names = model.class_names()
+        full_top = summary.top_classes(full.logits, names)
+        reduced_top = summary.top_classes(reduced.logits, names)
+        same = summary.class_probabilities(reduced.logits, [c.index for c in full_top], names)
+        table = pd.DataFrame(
+            {
+                "full model": [c.name for c in full_top],
+                "p (full)": [c.probability for c in full_top],
+                "reduced model": [c.name for c in reduced_top],
+                "p (reduced)": [c.probability for c in reduced_top],
+            },
+            index=pd.RangeIndex(1, len(full_top) + 1, name="rank"),
+        )
+        left, right = st.columns(2)
+        left.dataframe(
+            table,
+            column_config={
+                "p (full)": st.column_config.ProgressColumn(
+                    format="%.3f", min_value=0, max_value=1
+                ),
+                "p (reduced)": st.column_config.ProgressColumn(
+                    format="%.3f", min_value=0, max_value=1
+                ),
+            },
+        )
+        right.plotly_chart(charts.topk_chart(full_top, same), key="topk_chart")
+    else:
+        cosine = summary.feature_cosine(full.features, reduced.features)
+        st.markdown(
+            f"This backbone has no classifier head, so the reduced model is compared with the "
+            f"full one: the cosine similarity of their pooled features is **{cosine:.4f}** "
+            "(1 is identical)."
+        )
+
+
+# --------------------------------------------------------------------------- page
+
+
+def explore_page() -> None:
+    model, model_key = model_sidebar()
+    choice: ImageChoice = image_sidebar()
+    crop = crop_sidebar(choice, model)
+    schedule, schedule_slot = schedule_sidebar(model)
+
+    st.title("Explore")
+    st.caption(
+        "One image through the ViT, layer by layer: which patches merge, which are dropped, "
+        "and the scores the reducers used."
+    )
+    key = (model_key.name, model_key.weights, model_key.device)
+    try:
+        full = cached_run(key, choice.key, parse_schedule("none").to_json(), model, choice.image)
+        try:
+            reduced = cached_run(key, choice.key, schedule.to_json(), model, choice.image)
+        except ScheduleError as error:
+            schedule_slot.error(f"{error}\n\nShowing the full model.")
+            reduced = full
+    except TokenScopeError as error:
+        st.error(str(error))
+        st.stop()
+        return
+
+    result = reduced.result
+    _metrics(model, model_key, reduced, full)
+    image = display_array(choice.key, crop, result.trace.grid, choice.image)
+    view = View(image=image, reduced=reduced, full=full, image_label=choice.label)
+    layer_views(view)
+
+    st.subheader("Model output")
+    model_output(view, model)
+    with st.expander("All layers (filmstrip)"):
+        filmstrip(view)
+    st.subheader("Downloads")
+    cols = st.columns(3)
+    with cols[0]:
+        st.download_button(
+            "Trace JSON",
+            data=partial(result.trace.to_json, 0),
+            file_name="trace.json",
+            mime="application/json",
+            key="dl_trace",
+            on_click="ignore",
+            icon=":material/download:",
+        )
+    with cols[1]:
+        st.download_button(
+            "Schedule JSON",
+            data=result.schedule.to_json(),
+            file_name="schedule.json",
+            mime="application/json",
+            key="dl_schedule",
+            on_click="ignore",
+            icon=":material/download:",
+        )
+    cols[2].caption("Each picture has its own PNG download under it, at display resolution.")
+
+
+def _metrics(model: LoadedModel, model_key: ModelKey, reduced: TimedRun, full: TimedRun) -> None:
+    saved = summary.reduction_percent(reduced.result.gmacs, full.result.gmacs)
+    cols = st.columns(4)
+    cols[0].metric(
+        "GMACs",
+        f"{reduced.result.gmacs:.2f}",
+        delta=f"-{saved:.1f}% of {full.result.gmacs:.2f}" if saved > 0 else "full model",
+        delta_color="inverse" if saved > 0 else "off",
+        help="Multiply-accumulates of one image (the papers' 'GFLOPs'), reduced against full.",
+    )
+    cols[1].metric(
+        "Tokens after the last layer",
+        f"{reduced.result.tokens[-1]}",
+        delta=f"of {full.result.tokens[-1]}",
+        delta_color="off",
+    )
+    if reduced.result.logits is not None and full.result.logits is not None:
+        names = model.class_names()
+        top_full = summary.top_classes(full.result.logits, names, 1)[0]
+        top_reduced = summary.top_classes(reduced.result.logits, names, 1)[0]
+        cols[2].metric(
+            "Top-1 (reduced)",
+            top_reduced.name[:28],
+            delta="same as full" if top_full.index == top_reduced.index else "differs from full",
+            delta_color="normal" if top_full.index == top_reduced.index else "inverse",
+        )
+    else:
+        cosine = summary.feature_cosine(full.result.features, reduced.result.features)
+        cols[2].metric(
+            "Feature fidelity",
+            f"{cosine:.4f}",
+            help="Cosine similarity of the pooled features to the full model's (1 = identical).",
+        )
+    cols[3].metric(
+        "Model run",
+        f"{reduced.seconds * 1000:.0f} ms",
+        delta=f"on {reduced.device}",
+        delta_color="off",
+        help="Wall time of the reduced run when it was computed (results are cached).",
+    )
+    st.caption(
+        f"Model: {model_key.describe()} · ran on **{reduced.device}** · input "
+        f"{model.data_config.input_size} px, {model.facts.num_patches} patches of "
+        f"{model.facts.patch_size} px, {model.facts.depth} layers"
+    )
+
+
+explore_page()

@@ -1,0 +1,177 @@
+"""The app's flows, driven headless by Streamlit's AppTest (no browser).
+
+The default model is converted once per test session into a temporary cache, and
+``st.cache_resource`` keeps it for every test of the process.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from streamlit.testing.v1 import AppTest
+
+APP = str(Path(__file__).resolve().parents[1] / "app.py")
+TIMEOUT = 180
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tokenscope_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One converted default model per test session, outside the user's cache."""
+    path = tmp_path_factory.getbasetemp() / "tokenscope-cache"
+    path.mkdir(exist_ok=True)
+    previous = os.environ.get("TOKENSCOPE_CACHE")
+    os.environ["TOKENSCOPE_CACHE"] = str(path)
+    yield path
+    if previous is None:
+        os.environ.pop("TOKENSCOPE_CACHE", None)
+    else:
+        os.environ["TOKENSCOPE_CACHE"] = previous
+
+
+def start() -> AppTest:
+    at = AppTest.from_file(APP, default_timeout=TIMEOUT)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    return at
+
+
+def png_bytes(size=(300, 200), mode="RGB") -> bytes:
+    rng = np.random.default_rng(0)
+    array = rng.integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    image = Image.fromarray(array).convert(mode)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def metric(at: AppTest, label: str) -> str:
+    for element in at.metric:
+        if element.label == label:
+            return element.value
+    raise AssertionError(f"no metric {label!r}: {[m.label for m in at.metric]}")
+
+
+def texts(at: AppTest) -> str:
+    parts = [str(e.value) for e in (*at.markdown, *at.caption, *at.info, *at.error)]
+    return "\n".join(parts)
+
+
+def sidebar_errors(at: AppTest) -> list[str]:
+    return [str(e.value) for e in at.sidebar.error]
+
+
+def test_default_start_shows_everything(tokenscope_cache):
+    at = start()
+    assert at.title[0].value == "Explore"
+    assert at.text_area(key="schedule_text").value == "tome"
+    assert float(metric(at, "GMACs")) < 6.2
+    assert metric(at, "Feature fidelity")  # the default backbone: cosine to the full model
+    assert at.slider(key="layer").value == 11
+    assert len(at.get("image")) >= 4  # crop thumbnail, segments, pruned, token depth, ...
+    assert len(at.get("plotly_chart")) >= 2
+    labels = [b.label for b in at.get("download_button")]
+    assert {"Segments PNG", "Pruned PNG", "Token depth PNG", "Trace JSON"} <= set(labels)
+    assert "computes no importance scores" in texts(at)  # ToMe has none
+    assert "resized to" in texts(at)  # how the image was fitted
+    assert "ran on **cpu**" in texts(at)
+    assert not at.error and not sidebar_errors(at)
+
+
+def test_slider_moves_the_views(tokenscope_cache):
+    at = start()
+    at.slider(key="layer").set_value(3).run()
+    assert not at.exception
+    assert "After layer 3: **225** tokens" in texts(at)
+    at.slider(key="layer").set_value(0).run()
+    assert "After layer 0: **249** tokens" in texts(at)
+
+
+def test_valid_and_invalid_schedules(tokenscope_cache):
+    at = start()
+    at.text_area(key="schedule_text").input("evit:keep=0.7@3,6,9").run()
+    assert not at.exception and not sidebar_errors(at)
+    assert float(metric(at, "GMACs")) == pytest.approx(3.99, abs=0.01)
+    assert at.selectbox(key="schedule_preset").value == "EViT keep=0.7, at layers 3/6/9"
+    at.slider(key="layer").set_value(3).run()
+    assert "Importance scores used at layer 3" in texts(at)
+    assert "Heatmap PNG" in [b.label for b in at.get("download_button")]
+
+    at.text_area(key="schedule_text").input("evit:keep=7@3").run()
+    assert not at.exception
+    (message,) = sidebar_errors(at)
+    assert "keep=7.0 is above its range" in message
+    assert "last valid schedule: `evit:keep=0.7@3,6,9`" in message
+    assert float(metric(at, "GMACs")) == pytest.approx(3.99, abs=0.01)  # outputs still there
+
+    at.text_area(key="schedule_text").input("tome:r=8@20").run()
+    assert "beyond" in sidebar_errors(at)[0]
+    at.text_area(key="schedule_text").input("nonsense").run()
+    assert "unknown method 'nonsense'" in sidebar_errors(at)[0]
+    assert len(at.get("image")) >= 4
+
+
+def test_preset_rewrites_the_text(tokenscope_cache):
+    at = start()
+    at.selectbox(key="schedule_preset").set_value("Top-K keep=0.7, at layers 3/6/9").run()
+    assert at.text_area(key="schedule_text").value == "topk@3,6,9"
+    assert not sidebar_errors(at)
+    at.selectbox(key="schedule_preset").set_value("None (full model)").run()
+    assert at.text_area(key="schedule_text").value == "none"
+    assert metric(at, "Feature fidelity") == "1.0000"
+
+
+def test_upload_good_and_corrupt_images(tokenscope_cache):
+    at = start()
+    at.file_uploader(key="upload").upload("photo.png", png_bytes((300, 200)), "image/png").run()
+    assert not at.exception and not sidebar_errors(at)
+    assert "300×200 px resized to" in texts(at)
+    gmacs = metric(at, "GMACs")
+
+    at.file_uploader(key="upload").clear().upload("broken.png", b"not an image", "image/png").run()
+    assert not at.exception
+    (message,) = sidebar_errors(at)
+    assert "broken.png" in message and "could not read the image" in message
+    assert "Showing photo.png instead" in message
+    assert "300×200 px resized to" in texts(at)  # the previous image stays
+    assert metric(at, "GMACs") == gmacs and len(at.get("image")) >= 4
+
+
+@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
+def test_upload_any_mode(tokenscope_cache, mode):
+    at = start()
+    at.file_uploader(key="upload").upload(f"{mode}.png", png_bytes(mode=mode), "image/png").run()
+    assert not at.exception and not sidebar_errors(at)
+
+
+def test_timm_classifier_shows_top5(tokenscope_cache):
+    at = start()
+    at.radio(key="model_source").set_value("timm model").run()
+    at.selectbox(key="timm_name").set_value("deit_tiny_patch16_224").run()
+    at.radio(key="timm_weights").set_value("random").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert not sidebar_errors(at)
+    assert metric(at, "Top-1 (reduced)")
+    assert any("full model" in list(frame.value.columns) for frame in at.dataframe)
+    assert "deit_tiny_patch16_224, random weights" in texts(at)
+
+
+def test_offline_hub_is_explained(tokenscope_cache, monkeypatch):
+    from huggingface_hub import try_to_load_from_cache
+
+    if isinstance(
+        try_to_load_from_cache("timm/deit_tiny_patch16_224.fb_in1k", "model.safetensors"), str
+    ):
+        pytest.skip("the hub weights are cached here, so the offline path cannot be shown")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    at = start()
+    at.radio(key="model_source").set_value("timm model").run()
+    at.selectbox(key="timm_name").set_value("deit_tiny_patch16_224").run()
+    assert not at.exception
+    message = " ".join(sidebar_errors(at))
+    assert "offline" in message and "Showing the embedded default model instead" in message
+    assert metric(at, "Feature fidelity")  # the page still works on the default model

@@ -1,0 +1,55 @@
+"""Numbers for display: top classes with probabilities, feature fidelity, cost savings."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class ClassScore:
+    index: int
+    name: str
+    probability: float
+
+
+def top_classes(
+    logits: Tensor, names: Sequence[str] | None = None, k: int = 5, *, index: int = 0
+) -> list[ClassScore]:
+    """The ``k`` most probable classes of one image, best first."""
+    probabilities = logits[index].float().softmax(dim=-1)
+    values, indices = probabilities.topk(min(k, probabilities.numel()))
+    return [
+        ClassScore(int(i), _name(names, int(i)), float(p))
+        for p, i in zip(values.tolist(), indices.tolist(), strict=True)
+    ]
+
+
+def class_probabilities(
+    logits: Tensor, classes: Sequence[int], names: Sequence[str] | None = None, *, index: int = 0
+) -> list[ClassScore]:
+    """Probabilities of chosen classes (e.g. the full model's top-5 under the reduced model)."""
+    probabilities = logits[index].float().softmax(dim=-1)
+    return [ClassScore(i, _name(names, i), float(probabilities[i])) for i in classes]
+
+
+def feature_cosine(full: Tensor, reduced: Tensor, *, index: int = 0) -> float:
+    """Cosine similarity of one image's pooled features, reduced against full."""
+    a, b = full[index].float().flatten(), reduced[index].float().flatten()
+    return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
+
+
+def reduction_percent(reduced_gmacs: float, full_gmacs: float) -> float:
+    """How much of the full model's compute the schedule saves, in percent."""
+    if full_gmacs <= 0:
+        return 0.0
+    return 100.0 * (1.0 - reduced_gmacs / full_gmacs)
+
+
+def _name(names: Sequence[str] | None, index: int) -> str:
+    if names is not None and 0 <= index < len(names):
+        return names[index]
+    return f"class {index}"

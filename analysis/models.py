@@ -140,6 +140,14 @@ def load_model(
     if name == DEFAULT_NAME:
         module, data_config = _load_default()
         weights_label = "default"
+        if weights == "random":
+            raise ModelLoadError(
+                "the default model has no random-weight form; use a timm name, e.g. "
+                "vit_small_patch14_dinov2 with weights='random'"
+            )
+        if weights not in (None, "default", "hub"):  # e.g. a backbone tuned by `train --unfreeze`
+            load_checkpoint(module, Path(weights), name)
+            weights_label = str(weights)
     else:
         module, data_config, weights_label = _load_timm(name, weights, img_size)
     check_supported(module, name)

@@ -9,10 +9,12 @@ choice is listed in docs/methods.md):
   the token sizes it produced (its column sums), weighted by a learned α.
 * The N′ = ⌈keep·N⌉ best-scoring patch tokens are the merge targets (columns of G).
 * Row i of G: ``softmax_j(cos(LN z_i, LN z_j) / τ + s_j)`` over the targets j, with a
-  learned temperature τ; a target token keeps itself. Columns are normalised with the
-  sizes, so every merged token is a size-weighted average.
-* Training uses G soft; inference makes it hard (each token to its best target), which is
-  a size-weighted merge like ToMe's. The module has D + 3 parameters (plus LN's 2D).
+  learned temperature τ; a target token keeps itself.
+* Columns are normalised with the weights ``size_i · exp(s_i)``: a merged token is an
+  importance- and size-weighted average (so the mask's values, not only its pattern, are
+  learned); its size is ``Σ_i G_ij · size_i``, the number of patches it stands for.
+* Training uses G soft; inference makes each row hard (its argmax). The module has
+  D + 3 parameters plus its LayerNorm's 2D.
 """
 
 from __future__ import annotations
@@ -34,7 +36,6 @@ from analysis.reducers.base import (
     Site,
     TokenState,
     identity_reduction,
-    merge_by_map,
 )
 from analysis.reducers.topk import kept_patches
 
@@ -103,40 +104,39 @@ class LTM(LearnedReducer, Reducer):
         return keep, scores, targets, logits
 
     def reduce(self, state: TokenState, signals: Signals) -> Reduction:
+        return self._reduce(state, soft=False)
+
+    def reduce_train(self, state: TokenState, signals: Signals, ctx: TrainContext) -> Reduction:
+        return self._reduce(state, soft=True)
+
+    def _reduce(self, state: TokenState, soft: bool) -> Reduction:
+        """Merge with the mask G: soft rows in training, their argmax at inference.
+
+        Column j of G weights token i by ``G_ij · size_i · exp(s_i)``: the merged token is
+        an importance- and size-weighted average; its size is ``Σ_i G_ij · size_i``.
+        """
         found = self._mask(state)
         if found is None:
             return identity_reduction(state)
         keep, scores, targets, logits = found
         prefix = state.num_prefix
         batch = state.x.shape[0]
-        choice = logits.argmax(dim=-1)  # [B, N]: hard G
-        own = torch.arange(keep, device=choice.device).expand(batch, -1)
-        choice = choice.scatter(1, targets, own)  # a target keeps itself
-        prefix_map = torch.arange(prefix, device=choice.device).expand(batch, -1)
-        token_map = torch.cat([prefix_map, choice + prefix], dim=1)
-        x, size = merge_by_map(state, token_map, prefix + keep)
-        padded = torch.cat([scores.new_full((batch, prefix), torch.nan), scores], dim=1)
-        return Reduction(x=x, size=size, token_map=token_map, scores=padded)
-
-    def reduce_train(self, state: TokenState, signals: Signals, ctx: TrainContext) -> Reduction:
-        """Soft G: every token spreads its size over the targets; targets keep themselves."""
-        found = self._mask(state)
-        if found is None:
-            return identity_reduction(state)
-        keep, _, targets, logits = found
-        prefix = state.num_prefix
-        batch = state.x.shape[0]
-        soft = logits.softmax(dim=-1)
-        own = F.one_hot(torch.arange(keep, device=soft.device), keep).to(soft.dtype)
+        if soft:
+            mask = logits.softmax(dim=-1)
+        else:
+            mask = F.one_hot(logits.argmax(dim=-1), keep).to(logits.dtype)
+        own = F.one_hot(torch.arange(keep, device=mask.device), keep).to(mask.dtype)
         index = targets.unsqueeze(-1).expand(-1, -1, keep)
-        soft = soft.scatter(1, index, own.expand(batch, -1, -1))
-        size = state.size[:, prefix:].to(soft.dtype)
-        weights = soft * size.unsqueeze(-1)  # [B, N, N′]
-        new_size = weights.sum(dim=1)  # [B, N′]
-        merged = weights.transpose(-1, -2) @ state.x[:, prefix:].to(soft.dtype)
-        merged = merged / new_size.unsqueeze(-1)
+        mask = mask.scatter(1, index, own.expand(batch, -1, -1))  # a target keeps itself
+        size = state.size[:, prefix:].to(mask.dtype)
+        importance = (scores - scores.max(dim=1, keepdim=True).values.detach()).exp()
+        weights = mask * (size * importance.clamp(min=1e-6)).unsqueeze(-1)  # [B, N, N′]
+        merged = weights.transpose(-1, -2) @ state.x[:, prefix:].to(mask.dtype)
+        merged = merged / weights.sum(dim=1).unsqueeze(-1)
+        new_size = (mask * size.unsqueeze(-1)).sum(dim=1)
         x = torch.cat([state.x[:, :prefix], merged.to(state.x.dtype)], dim=1)
-        size = torch.cat([state.size[:, :prefix], new_size.to(state.size.dtype)], dim=1)
+        new_size = torch.cat([state.size[:, :prefix], new_size.to(state.size.dtype)], dim=1)
         prefix_map = torch.arange(prefix, device=x.device).expand(batch, -1)
-        token_map = torch.cat([prefix_map, soft.argmax(dim=-1) + prefix], dim=1)
-        return Reduction(x=x, size=size, token_map=token_map)
+        token_map = torch.cat([prefix_map, mask.argmax(dim=-1) + prefix], dim=1)
+        padded = torch.cat([scores.new_full((batch, prefix), torch.nan), scores], dim=1)
+        return Reduction(x=x, size=new_size, token_map=token_map, scores=padded)

@@ -1,0 +1,239 @@
+"""Training learned reducers, saving and loading their weights, official checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from analysis import CheckpointMismatchError, TokenScopeError, run
+from analysis.learned import load_learned, read_metadata
+from analysis.models import with_learned
+from analysis.train import TrainConfig, train, train_main
+from tests.conftest import tiny
+
+SCHEDULES = {
+    "dtem": "dtem:r=3",
+    "patchmerger": "patchmerger:tokens=4@1",
+    "cropr": "cropr:rate=2@0-1",
+    "ltm": "ltm:keep=0.7",
+    "mstm": "mstm:keep=0.5,ms=1@1,2",
+}
+
+
+def write_images(folder: Path, count: int, classes: int = 0) -> Path:
+    """Small random-texture images; with ``classes``, one subfolder per class."""
+    rng = np.random.default_rng(0)
+    for index in range(count):
+        target = folder / str(index % classes) if classes else folder
+        target.mkdir(parents=True, exist_ok=True)
+        base = rng.integers(0, 255, size=(10, 10, 3), dtype=np.uint8)
+        image = Image.fromarray(base).resize((80, 80), Image.Resampling.BICUBIC)
+        image.save(target / f"img{index}.png")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory) -> Path:
+    return write_images(tmp_path_factory.mktemp("images"), 6)
+
+
+def backbone():
+    return tiny("vit_small_patch16_224", num_classes=0)
+
+
+def config(schedule: str, out: Path, data: Path, **extra) -> TrainConfig:
+    settings = {
+        "steps": 16,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "augment": False,
+        "progress": False,
+        "checkpoint_every": 0,
+    }
+    settings.update(extra)
+    return TrainConfig(schedules=(schedule,), out=out, data=str(data), **settings)
+
+
+@pytest.mark.parametrize("method", SCHEDULES)
+def test_short_training_lowers_the_loss_and_saves_usable_weights(method, images, tmp_path):
+    model = backbone()
+    schedule = SCHEDULES[method]
+    out = tmp_path / f"{method}.safetensors"
+    result = train(model, config(schedule, out, images))
+    assert result.method == method
+    assert len(result.losses) == 16
+    assert np.mean(result.losses[-4:]) < np.mean(result.losses[:4])
+    metadata = read_metadata(out)
+    assert metadata["method"] == method
+    assert metadata["backbone"] == model.name
+    assert metadata["schedule"] == schedule
+    assert metadata["steps"] == "16"
+    assert float(metadata["loss"]) == pytest.approx(result.final_loss, rel=1e-4)
+    assert "6 images" in metadata["data"]
+    loaded = with_learned(model, out)
+    assert method in loaded.learned and not model.learned  # a new LoadedModel
+    result = run(loaded, torch.randn(1, 3, 64, 64), schedule)
+    assert torch.isfinite(result.features).all()
+
+
+@pytest.mark.parametrize("schedule", ["patchmerger:tokens=2@0", "ltm:keep=0.5"])
+def test_trained_weights_beat_untrained_ones(schedule, images, tmp_path):
+    """Fidelity to the full model on the training images rises with training."""
+    from analysis.images import load_image, to_tensor
+    from analysis.learned import attach, init_weights
+
+    model = backbone()
+    out = tmp_path / "weights.safetensors"
+    train(model, config(schedule, out, images, steps=30))
+    paths = sorted(images.glob("*.png"))
+    batch = to_tensor([load_image(p) for p in paths], model.data_config)[0]
+    full = run(model, batch).features
+    before = attach(model, init_weights(model, [schedule], seed=0).values())
+    after = with_learned(model, out)
+
+    def fidelity(m) -> float:
+        reduced = run(m, batch, schedule).features
+        return torch.nn.functional.cosine_similarity(reduced, full).mean().item()
+
+    assert fidelity(after) > fidelity(before)
+
+
+def test_cropr_training_leaves_out_the_auxiliary_head(images, tmp_path):
+    out = tmp_path / "cropr.safetensors"
+    train(backbone(), config(SCHEDULES["cropr"], out, images, steps=4))
+    from safetensors.torch import load_file
+
+    keys = set(load_file(str(out)))
+    assert keys == {"layers.0.query", "layers.1.query"}
+
+
+def test_a_file_for_another_backbone_is_refused(images, tmp_path):
+    out = tmp_path / "dtem.safetensors"
+    train(backbone(), config("dtem:r=3", out, images, steps=2))
+    other = tiny("deit_tiny_patch16_224", num_classes=0)
+    with pytest.raises(CheckpointMismatchError, match="trained on 'vit_small_patch16_224'"):
+        with_learned(other, out)
+    torch.manual_seed(1)
+    same_arch = tiny("vit_small_patch16_224", num_classes=0)
+    with torch.no_grad():
+        same_arch.module.patch_embed.proj.weight.add_(0.1)
+    with pytest.raises(CheckpointMismatchError, match="same architecture with other weights"):
+        with_learned(same_arch, out)
+
+
+def test_resume_continues_exactly(images, tmp_path):
+    straight = train(
+        backbone(), config("ltm:keep=0.7", tmp_path / "a.safetensors", images, steps=8)
+    )
+    out = tmp_path / "b.safetensors"
+    stopped = train(backbone(), config("ltm:keep=0.7", out, images, steps=8, stop_after=4))
+    assert stopped.steps == 4 and read_metadata(out)["planned_steps"] == "8"
+    assert out.with_name(out.name + ".resume.pt").exists()
+    resumed = train(backbone(), config("ltm:keep=0.7", out, images, steps=8, resume=True))
+    assert resumed.losses == straight.losses
+    other = config("dtem:r=2", out, images, steps=8, resume=True)
+    with pytest.raises(TokenScopeError, match="written for the schedules"):
+        train(backbone(), other)
+
+
+def test_labels_use_cross_entropy_and_ltm_information_bottleneck(tmp_path):
+    folder = write_images(tmp_path / "labelled", 8, classes=2)
+    model = tiny("vit_small_patch16_224", num_classes=2)
+    for method in ("ltm", "cropr"):
+        out = tmp_path / f"{method}.safetensors"
+        cfg = config(SCHEDULES[method], out, folder, steps=6, ib_clusters=4)
+        result = train(model, cfg)
+        assert all(np.isfinite(result.losses))
+        assert read_metadata(out)["labels"] == "yes"
+        assert "2 classes" in read_metadata(out)["data"]
+
+
+def test_unfreeze_saves_the_tuned_backbone(images, tmp_path):
+    model = backbone()
+    before = {k: v.clone() for k, v in model.module.state_dict().items()}
+    out = tmp_path / "pm.safetensors"
+    result = train(model, config(SCHEDULES["patchmerger"], out, images, steps=3, unfreeze=True))
+    assert all(torch.equal(before[k], v) for k, v in model.module.state_dict().items())
+    assert result.backbone_path is not None and result.backbone_path.exists()
+    assert read_metadata(out)["backbone_frozen"] == "no"
+
+
+def test_command_line(images, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train_main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--schedule" in capsys.readouterr().out
+    status = train_main(
+        [
+            "--schedule",
+            "tome:r=2",
+            "--model",
+            "vit_tiny_patch16_224",
+            "--weights",
+            "random",
+            "--data",
+            str(images),
+            "--quiet",
+        ]
+    )
+    assert status == 2
+    assert "exactly one learned method" in capsys.readouterr().err
+    out = tmp_path / "cli.safetensors"
+    argv = [
+        "--schedule",
+        "patchmerger:tokens=8@5",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--weights",
+        "random",
+        "--data",
+        str(images),
+        "--steps",
+        "2",
+        "--batch-size",
+        "2",
+        "--no-augment",
+        "--quiet",
+        "--out",
+        str(out),
+    ]
+    assert train_main(argv) == 0
+    metadata = read_metadata(out)
+    assert metadata["command"].startswith("python -m analysis train --schedule")
+    assert json.loads(metadata["layers"]) == [5]
+
+
+def test_official_dtem_checkpoint_is_converted(tmp_path):
+    model = tiny("deit_small_patch16_224")
+    torch.manual_seed(3)
+    state = {}
+    for i, block in enumerate(model.module.blocks):
+        qkv = block.attn.qkv
+        metric_w, metric_b = torch.randn(64, qkv.in_features), torch.randn(64)
+        prefix = f"module.blocks.{i}.attn.qkv."
+        state[prefix + "qkv_layer.weight"] = qkv.weight.detach().clone()
+        state[prefix + "qkv_layer.bias"] = qkv.bias.detach().clone()
+        state[prefix + "metric_layer.weight"] = metric_w
+        state[prefix + "metric_layer.bias"] = metric_b
+        state[prefix + "weight"] = torch.cat([qkv.weight.detach(), metric_w])
+        state[prefix + "bias"] = torch.cat([qkv.bias.detach(), metric_b])
+    path = tmp_path / "dtem_deit_small.pth.tar"
+    torch.save({"epoch": 30, "best_acc": 79.8, "state_dict": state}, path)
+    weights = load_learned(path, model)
+    assert sorted(weights.modules) == [0, 1, 2, 3]
+    assert torch.equal(
+        weights.modules[2].proj.weight, state["module.blocks.2.attn.qkv.metric_layer.weight"]
+    )
+    result = run(with_learned(model, path), torch.randn(1, 3, 64, 64), "dtem:r=2")
+    assert result.tokens == [15, 13, 11, 9]
+    torch.manual_seed(7)
+    other = tiny("deit_small_patch16_224")
+    with torch.no_grad():
+        other.module.blocks[0].attn.qkv.weight.add_(1.0)
+    with pytest.raises(CheckpointMismatchError, match="trained on another backbone"):
+        load_learned(path, other)

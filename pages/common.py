@@ -31,7 +31,7 @@ from analysis import (
     run,
 )
 from analysis.images import CropInfo, fit_to_input, load_image
-from viz.overlays import display_image, render_crop_box
+from viz.overlays import display_image, render_crop_box, to_png
 from viz.schedule_table import presets
 
 DEFAULT_SOURCE = "Embedded default (DINOv2 ViT-S/14)"
@@ -230,7 +230,7 @@ def image_sidebar() -> ImageChoice:
 def crop_sidebar(choice: ImageChoice, model: LoadedModel) -> CropInfo:
     """Show how the image is fitted to the model's input, and return that fit."""
     _, crop = fit_to_input(choice.image, model.data_config)
-    st.sidebar.image(render_crop_box(choice.image, crop))
+    st.sidebar.image(to_png(render_crop_box(choice.image, crop), fast=True), output_format="PNG")
     st.sidebar.caption(f"Model input (yellow box): {crop.describe()}")
     return crop
 

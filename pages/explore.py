@@ -155,10 +155,21 @@ def schedule_sidebar(model: LoadedModel):
             st.error(state["editor_error"])
         st.caption(f"Pick `{NO_METHOD}` for no reducer. Edits rewrite the schedule text.")
     with st.sidebar.expander("Methods and parameters"):
-        st.dataframe(pd.DataFrame(method_help()), hide_index=True)
+        st.markdown(_markdown_table(method_help()))
         for cls in REDUCERS.values():
             st.caption(f"**{cls.label}** (`{cls.name}`, {cls.site.value}): {cls.description}")
     return schedule, slot
+
+
+def _markdown_table(rows: list[dict[str, str]]) -> str:
+    if not rows:
+        return "No methods are registered."
+    header = list(rows[0])
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += [
+        "| " + " | ".join(str(row[k]).replace("|", "/") for k in header) + " |" for row in rows
+    ]
+    return "\n".join(lines)
 
 
 def _fallback_schedule(model: LoadedModel) -> Schedule:
@@ -234,12 +245,12 @@ def layer_views(view: View) -> None:
     left, right = st.columns(2)
     with left:
         st.markdown("**Merged-token segments**")
-        st.image(segments, output_format="PNG", width="stretch")
+        st.image(overlays.to_png(segments, fast=True), output_format="PNG", width="stretch")
         st.caption("Each token's patches form one segment; colours follow a segment across layers.")
         _png_button("Segments PNG", segments, f"segments_layer{layer}.png", "dl_segments")
     with right:
         st.markdown("**Pruned patches**")
-        st.image(pruned, output_format="PNG", width="stretch")
+        st.image(overlays.to_png(pruned, fast=True), output_format="PNG", width="stretch")
         st.caption(
             "Colour: a token of its own · grey: merged or fused with others · dark: dropped."
         )
@@ -247,7 +258,7 @@ def layer_views(view: View) -> None:
     left, right = st.columns(2)
     with left:
         st.markdown("**Token depth**: the layer where each patch was merged or dropped")
-        st.image(depth_map, output_format="PNG", width="stretch")
+        st.image(overlays.to_png(depth_map, fast=True), output_format="PNG", width="stretch")
         _png_button("Token depth PNG", depth_map, "token_depth.png", "dl_depth")
     with right:
         st.markdown(f"**Importance scores used at layer {layer}**")
@@ -255,7 +266,7 @@ def layer_views(view: View) -> None:
             st.info(_no_scores_message(view, layer))
         else:
             heatmap = overlays.render_heatmap(image, trace, layer)
-            st.image(heatmap, output_format="PNG", width="stretch")
+            st.image(overlays.to_png(heatmap, fast=True), output_format="PNG", width="stretch")
             st.caption("Scores the reducer ranked tokens by; dark patches were already gone.")
             _png_button("Heatmap PNG", heatmap, f"heatmap_layer{layer}.png", "dl_heatmap")
 
@@ -273,7 +284,12 @@ def filmstrip(view: View) -> None:
         for layer in range(len(trace.layers))
     ]
     captions = [f"{i}: {record.tokens} tokens" for i, record in enumerate(trace.layers)]
-    st.image(pictures, caption=captions, width=112, output_format="PNG")
+    st.image(
+        [overlays.to_png(p, fast=True) for p in pictures],
+        caption=captions,
+        width=112,
+        output_format="PNG",
+    )
 
 
 def model_output(view: View, model: LoadedModel) -> None:
@@ -391,6 +407,9 @@ def _metrics(model: LoadedModel, model_key: ModelKey, reduced: TimedRun, full: T
         f"{reduced.result.tokens[-1]}",
         delta=f"of {full.result.tokens[-1]}",
         delta_color="off",
+        delta_arrow="off",
+        chart_data=[full.result.tokens[0], *reduced.result.tokens],
+        chart_type="area",
     )
     if reduced.result.logits is not None and full.result.logits is not None:
         names = model.class_names()
@@ -414,6 +433,7 @@ def _metrics(model: LoadedModel, model_key: ModelKey, reduced: TimedRun, full: T
         f"{reduced.seconds * 1000:.0f} ms",
         delta=f"on {reduced.device}",
         delta_color="off",
+        delta_arrow="off",
         help="Wall time of the reduced run when it was computed (results are cached).",
     )
     st.caption(

@@ -1,0 +1,150 @@
+"""The real app in a real browser: `streamlit run app.py` driven by headless Chromium.
+
+Chromium comes from Debian (`apt-get install chromium`, which `.ci/run` does); browser
+downloads such as `playwright install` are blocked here. Without it this test fails, on
+purpose: CI must run it.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
+START_TIMEOUT_S = 120
+RUN_TIMEOUT_MS = 180_000
+
+
+def chromium_path() -> str:
+    for candidate in (os.environ.get("CHROMIUM"), "/usr/bin/chromium", shutil.which("chromium")):
+        if candidate and Path(candidate).exists():
+            return candidate
+    pytest.fail(
+        "Chromium is missing: install it with `apt-get install -y chromium` "
+        "(.ci/run does this); set CHROMIUM=/path/to/chromium to use another build"
+    )
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_healthy(url: str, process: subprocess.Popen, log: Path) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            pytest.fail(f"streamlit exited with {process.returncode}:\n{log.read_text()[-3000:]}")
+        try:
+            with urllib.request.urlopen(f"{url}/_stcore/health", timeout=2) as response:
+                if response.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.5)
+    pytest.fail(
+        f"streamlit did not become healthy in {START_TIMEOUT_S} s:\n{log.read_text()[-3000:]}"
+    )
+
+
+@pytest.fixture
+def app_url(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path):
+    """`streamlit run app.py` on a free loopback port, stopped after the test."""
+    cache = tmp_path_factory.getbasetemp() / "tokenscope-cache"  # shared with test_app
+    cache.mkdir(exist_ok=True)
+    port = free_port()
+    env = {**os.environ, "TOKENSCOPE_CACHE": str(cache), "HF_HUB_OFFLINE": "1"}
+    log = tmp_path / "streamlit.log"
+    command = [
+        sys.executable, "-m", "streamlit", "run", str(ROOT / "app.py"),
+        "--server.headless", "true",
+        "--server.address", "127.0.0.1",
+        "--server.port", str(port),
+        "--server.fileWatcherType", "none",
+        "--browser.gatherUsageStats", "false",
+    ]  # fmt: skip
+    with log.open("w") as output:
+        process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, process, log)
+        yield url
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def photo() -> bytes:
+    y, x = np.mgrid[0:240, 0:360]
+    array = np.stack([x * 255 // 360, y * 255 // 240, (x + y) % 256], axis=-1).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def wait_idle(page) -> None:
+    """Until the app has finished its run (the 'Running…' status widget is gone)."""
+    page.wait_for_function(
+        "() => !document.querySelector('[data-testid=\"stStatusWidget\"]')",
+        timeout=RUN_TIMEOUT_MS,
+    )
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_upload_shows_overlays_and_charts(app_url: str, tmp_path: Path):
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.goto(app_url, wait_until="domcontentloaded")
+            main = page.locator('[data-testid="stMain"]')
+            main.get_by_text("Merged-token segments").wait_for(timeout=RUN_TIMEOUT_MS)
+            wait_idle(page)
+
+            uploader = page.locator('[data-testid="stSidebar"] input[type="file"]')
+            uploader.set_input_files(
+                files=[{"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": photo()}]
+            )
+            sidebar = page.locator('[data-testid="stSidebar"]')
+            sidebar.get_by_text("360×240 px resized to", exact=False).wait_for(
+                timeout=RUN_TIMEOUT_MS
+            )
+            wait_idle(page)
+
+            overlay = main.locator('[data-testid="stImage"] img').first
+            overlay.wait_for(timeout=RUN_TIMEOUT_MS)
+            assert overlay.evaluate("img => img.complete && img.naturalWidth") >= 448
+            chart = main.locator(".js-plotly-plot").first
+            chart.wait_for(timeout=RUN_TIMEOUT_MS)
+            assert chart.is_visible()
+            assert page.locator('[data-testid="stException"]').count() == 0
+            page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
+        finally:
+            browser.close()

@@ -248,8 +248,7 @@ def main() -> None:
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
         f"with {torch.get_num_threads()} threads, Python {platform.python_version()}"
     )
-    # Streamlit runs page scripts in a worker thread; so do we (torch's intra-op threads
-    # behave differently there from the main thread, above all on a busy machine).
+    # Streamlit runs page scripts in a worker thread; so do we.
     worker = threading.Thread(target=pieces, args=(args.repeat,))
     worker.start()
     worker.join()

@@ -7,14 +7,17 @@ from the cached trace with the pure renderers in ``viz``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
 import numpy as np
 import pandas as pd
 import streamlit as st
+from PIL import Image
 
 from analysis import LoadedModel, Schedule, ScheduleError, TokenScopeError, parse_schedule
+from analysis.images import CropInfo
 from analysis.reducers import REDUCERS
 from pages.common import (
     ImageChoice,
@@ -40,6 +43,7 @@ from viz.schedule_table import (
     schedule_to_rows,
 )
 
+DOWNLOAD_MAX_SIDE = 2048
 SCHEDULE_HELP = (
     "`METHOD:key=value,…@LAYERS` parts joined by `;`. Layers are 0-based: `3,6,9` or `0-5`; "
     "no `@` means every layer. Examples: `tome:r=8`, `evit:keep=0.7@3,6,9`, "
@@ -51,7 +55,9 @@ SCHEDULE_HELP = (
 class View:
     """What the layer views draw from: the cached runs and the display image."""
 
-    image: np.ndarray
+    image: np.ndarray  # the model's crop at display resolution
+    original: Image.Image
+    crop: CropInfo
     reduced: TimedRun
     full: TimedRun
     image_label: str
@@ -125,7 +131,19 @@ def schedule_sidebar(model: LoadedModel):
         shown = "no reduction" if schedule.is_empty else f"`{schedule.to_text()}`"
         slot.error(f"{error}\n\nShowing the last valid schedule: {shown}.")
 
-    with st.sidebar.expander("Per-layer editor", expanded=False):
+    st.sidebar.caption(
+        "Or edit it layer by layer: **Per-layer schedule editor**, above the pictures."
+    )
+    return schedule, slot
+
+
+def schedule_editor(schedule: Schedule, model: LoadedModel) -> None:
+    """The per-layer editor (a row per layer), kept in sync with the schedule text."""
+    state = st.session_state
+    depth = model.facts.depth
+    choices = usable_presets(model)
+    with st.expander("Per-layer schedule editor", icon=":material/table_edit:"):
+        left, right = st.columns([3, 2])
         rows = schedule_to_rows(schedule, depth)
         key = f"schedule_editor_{state.get('editor_version', 0)}_{depth}"
         config = {
@@ -136,39 +154,48 @@ def schedule_sidebar(model: LoadedModel):
                 column.method_title,
                 options=column.options,
                 required=True,
-                width="small",
                 help=f"Methods that run at the '{column.site.value}' site of a layer",
             )
             config[column.params] = st.column_config.TextColumn(
-                column.params_title, help="key=value pairs; empty for the defaults"
+                column.params_title,
+                width="medium",
+                help="key=value pairs, comma separated; empty for the defaults",
             )
-        st.data_editor(
-            pd.DataFrame(rows),
-            key=key,
-            column_config=config,
-            hide_index=True,
-            num_rows="fixed",
-            on_change=_on_editor,
-            args=(key, rows, depth, choices),
-        )
-        if state.get("editor_error"):
-            st.error(state["editor_error"])
-        st.caption(f"Pick `{NO_METHOD}` for no reducer. Edits rewrite the schedule text.")
-    with st.sidebar.expander("Methods and parameters"):
-        st.markdown(_markdown_table(method_help()))
-        for cls in REDUCERS.values():
-            st.caption(f"**{cls.label}** (`{cls.name}`, {cls.site.value}): {cls.description}")
-    return schedule, slot
+        with left:
+            st.data_editor(
+                pd.DataFrame(rows),
+                key=key,
+                column_config=config,
+                hide_index=True,
+                num_rows="fixed",
+                on_change=_on_editor,
+                args=(key, rows, depth, choices),
+                width="stretch",
+                height=36 * (depth + 1) + 3,
+            )
+            if state.get("editor_error"):
+                st.error(state["editor_error"])
+            st.caption(
+                f"A row per layer. Pick `{NO_METHOD}` for no reducer; edits rewrite the "
+                "schedule text in the sidebar, and editing the text rewrites this table."
+            )
+        with right:
+            st.markdown("**Methods and parameters**")
+            st.markdown(_method_reference())
 
 
-def _markdown_table(rows: list[dict[str, str]]) -> str:
-    if not rows:
-        return "No methods are registered."
-    header = list(rows[0])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += [
-        "| " + " | ".join(str(row[k]).replace("|", "/") for k in header) + " |" for row in rows
-    ]
+def _method_reference() -> str:
+    """Every registered method with its parameters, defaults and ranges, as markdown."""
+    by_method: dict[str, list[dict[str, str]]] = {}
+    for row in method_help():
+        by_method.setdefault(row["method"], []).append(row)
+    lines = []
+    for cls in REDUCERS.values():
+        lines.append(f"**{cls.label}** (`{cls.name}`, {cls.site.value}): {cls.description}")
+        for row in by_method.get(f"{cls.label} ({cls.name})", []):
+            bounds = f" in {row['range']}" if row["range"] else ""
+            lines.append(f"- `{row['parameter']}={row['default']}`{bounds}: {row['meaning']}")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -185,15 +212,31 @@ def _fallback_schedule(model: LoadedModel) -> Schedule:
 # --------------------------------------------------------------------------- views
 
 
-def _png_button(label: str, image: np.ndarray, file_name: str, key: str) -> None:
+def _picture(view: View, draw: Callable[[np.ndarray], np.ndarray]) -> None:
+    """Draw on the display image and show it (PNG, encoded fast, sent as is)."""
+    st.image(overlays.to_png(draw(view.image), fast=True), output_format="PNG", width="stretch")
+
+
+def _full_resolution_png(view: View, draw: Callable[[np.ndarray], np.ndarray]) -> bytes:
+    """The picture drawn again on the model's crop at the original's resolution."""
+    grid = view.reduced.result.trace.grid
+    image = overlays.display_image(view.original, view.crop, grid, max_side=DOWNLOAD_MAX_SIDE)
+    return overlays.to_png(draw(image))
+
+
+def _png_button(
+    label: str, view: View, draw: Callable[[np.ndarray], np.ndarray], name: str
+) -> None:
     st.download_button(
         label,
-        data=partial(overlays.to_png, image),
-        file_name=file_name,
+        data=partial(_full_resolution_png, view, draw),
+        file_name=name,
         mime="image/png",
-        key=key,
+        key=f"download_{label}",
         on_click="ignore",
         icon=":material/download:",
+        help="At the original image's resolution (up to "
+        f"{DOWNLOAD_MAX_SIDE} px), drawn when you click",
     )
 
 
@@ -234,41 +277,44 @@ def layer_views(view: View) -> None:
         + (f"reduced here by {methods}." if methods else "no reducer at this layer.")
     )
 
-    image = view.image
-    segments = overlays.render_segments(
-        image, trace, layer, mode="mean" if mode == "mean colour" else "tint", boundaries=boundaries
+    draw_segments = partial(
+        overlays.render_segments,
+        trace=trace,
+        layer=layer,
+        mode="mean" if mode == "mean colour" else "tint",
+        boundaries=boundaries,
     )
-    pruned = overlays.render_pruned(image, trace, layer)
-    depth_map = overlays.render_token_depth(image, trace)
-    scores = overlays.layer_scores(trace, layer)
+    draw_pruned = partial(overlays.render_pruned, trace=trace, layer=layer)
+    draw_depth = partial(overlays.render_token_depth, trace=trace)
+    draw_heatmap = partial(overlays.render_heatmap, trace=trace, layer=layer)
+    has_scores = overlays.layer_scores(trace, layer) is not None
 
     left, right = st.columns(2)
     with left:
         st.markdown("**Merged-token segments**")
-        st.image(overlays.to_png(segments, fast=True), output_format="PNG", width="stretch")
+        _picture(view, draw_segments)
         st.caption("Each token's patches form one segment; colours follow a segment across layers.")
-        _png_button("Segments PNG", segments, f"segments_layer{layer}.png", "dl_segments")
+        _png_button("Segments PNG", view, draw_segments, f"segments_layer{layer}.png")
     with right:
         st.markdown("**Pruned patches**")
-        st.image(overlays.to_png(pruned, fast=True), output_format="PNG", width="stretch")
+        _picture(view, draw_pruned)
         st.caption(
             "Colour: a token of its own · grey: merged or fused with others · dark: dropped."
         )
-        _png_button("Pruned PNG", pruned, f"pruned_layer{layer}.png", "dl_pruned")
+        _png_button("Pruned PNG", view, draw_pruned, f"pruned_layer{layer}.png")
     left, right = st.columns(2)
     with left:
         st.markdown("**Token depth**: the layer where each patch was merged or dropped")
-        st.image(overlays.to_png(depth_map, fast=True), output_format="PNG", width="stretch")
-        _png_button("Token depth PNG", depth_map, "token_depth.png", "dl_depth")
+        _picture(view, draw_depth)
+        _png_button("Token depth PNG", view, draw_depth, "token_depth.png")
     with right:
         st.markdown(f"**Importance scores used at layer {layer}**")
-        if scores is None:
+        if not has_scores:
             st.info(_no_scores_message(view, layer))
         else:
-            heatmap = overlays.render_heatmap(image, trace, layer)
-            st.image(overlays.to_png(heatmap, fast=True), output_format="PNG", width="stretch")
+            _picture(view, draw_heatmap)
             st.caption("Scores the reducer ranked tokens by; dark patches were already gone.")
-            _png_button("Heatmap PNG", heatmap, f"heatmap_layer{layer}.png", "dl_heatmap")
+            _png_button("Heatmap PNG", view, draw_heatmap, f"heatmap_layer{layer}.png")
 
     left, right = st.columns(2)
     reduced_cost, full_cost = view.reduced.result.cost, view.full.result.cost
@@ -359,8 +405,16 @@ def explore_page() -> None:
 
     result = reduced.result
     _metrics(model, model_key, reduced, full)
+    schedule_editor(schedule, model)
     image = display_array(choice.key, crop, result.trace.grid, choice.image)
-    view = View(image=image, reduced=reduced, full=full, image_label=choice.label)
+    view = View(
+        image=image,
+        original=choice.image,
+        crop=crop,
+        reduced=reduced,
+        full=full,
+        image_label=choice.label,
+    )
     layer_views(view)
 
     st.subheader("Model output")
@@ -389,7 +443,7 @@ def explore_page() -> None:
             on_click="ignore",
             icon=":material/download:",
         )
-    cols[2].caption("Each picture has its own PNG download under it, at display resolution.")
+    cols[2].caption("Each picture has its own PNG download under it, at full resolution.")
 
 
 def _metrics(model: LoadedModel, model_key: ModelKey, reduced: TimedRun, full: TimedRun) -> None:

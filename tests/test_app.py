@@ -141,11 +141,38 @@ def test_upload_good_and_corrupt_images(tokenscope_cache):
     assert metric(at, "GMACs") == gmacs and len(at.get("image")) >= 4
 
 
-@pytest.mark.parametrize("mode", ["L", "RGBA", "P", "I;16"])
-def test_upload_any_mode(tokenscope_cache, mode):
+def encoded(fmt: str, mode: str = "RGB", frames: int = 1) -> bytes:
+    rng = np.random.default_rng(1)
+    images = [
+        Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)).convert(mode)
+        for _ in range(frames)
+    ]
+    buffer = io.BytesIO()
+    extra = {"save_all": True, "append_images": images[1:]} if frames > 1 else {}
+    images[0].save(buffer, format=fmt, **extra)
+    return buffer.getvalue()
+
+
+UPLOADS = {
+    "photo.jpg": lambda: encoded("JPEG"),
+    "cmyk.jpg": lambda: encoded("JPEG", "CMYK"),
+    "photo.webp": lambda: encoded("WEBP"),
+    "photo.bmp": lambda: encoded("BMP"),
+    "grey16.tiff": lambda: encoded("TIFF", "I;16"),
+    "animated.gif": lambda: encoded("GIF", "P", frames=3),
+    "alpha.png": lambda: encoded("PNG", "RGBA"),
+    "palette.png": lambda: encoded("PNG", "P"),
+    "grey.png": lambda: encoded("PNG", "L"),
+}
+
+
+def test_upload_every_format_and_mode(tokenscope_cache):
     at = start()
-    at.file_uploader(key="upload").upload(f"{mode}.png", png_bytes(mode=mode), "image/png").run()
-    assert not at.exception and not sidebar_errors(at)
+    for name, make in UPLOADS.items():
+        at.file_uploader(key="upload").clear().upload(name, make()).run()
+        assert not at.exception, (name, [e.value for e in at.exception])
+        assert not sidebar_errors(at), (name, sidebar_errors(at))
+        assert "120×90 px resized to" in texts(at), name
 
 
 def test_timm_classifier_shows_top5(tokenscope_cache):
@@ -175,3 +202,18 @@ def test_offline_hub_is_explained(tokenscope_cache, monkeypatch):
     message = " ".join(sidebar_errors(at))
     assert "offline" in message and "Showing the embedded default model instead" in message
     assert metric(at, "Feature fidelity")  # the page still works on the default model
+
+
+def test_device_choice_is_reported(tokenscope_cache):
+    import torch
+
+    at = start()
+    at.radio(key="device").set_value("cuda").run()
+    assert not at.exception
+    if torch.cuda.is_available():
+        assert "ran on **cuda" in texts(at)
+    else:
+        assert "CUDA is not available" in " ".join(str(w.value) for w in at.sidebar.warning)
+        assert "ran on **cpu**" in texts(at)
+    at.radio(key="device").set_value("cpu").run()
+    assert "ran on **cpu**" in texts(at)

@@ -379,3 +379,16 @@ def test_a_newly_registered_method_appears_without_app_changes(monkeypatch):
     assert rows[2][columns[1].params] == "strength=0.2"
     text = schedule_table.rows_to_schedule(rows, 4).to_text()
     assert text == "tome:r=4;dummy:strength=0.2@2"
+
+
+def test_display_image_keeps_native_resolution_up_to_the_cap(test_vit):
+    original = Image.new("RGB", (1500, 1000), (10, 200, 30))
+    _, crop = fit_to_input(original, test_vit.data_config)
+    native = overlays.display_image(original, crop, (10, 10), max_side=2048)
+    assert native.shape[0] == 950  # the crop covers 95 % of the short side, 95 px per patch
+    capped = overlays.display_image(original, crop, (10, 10), max_side=500)
+    assert capped.shape[:2] == (500, 500)
+    tiny_image = Image.new("RGB", (64, 64))
+    _, tiny_crop = fit_to_input(tiny_image, test_vit.data_config)
+    small = overlays.display_image(tiny_image, tiny_crop, (10, 10))
+    assert small.shape[0] >= overlays.DISPLAY_MIN_SIDE

@@ -38,6 +38,7 @@ DEFAULT_SOURCE = "Embedded default (DINOv2 ViT-S/14)"
 TIMM_SOURCE = "timm model"
 CHECKPOINT_SOURCE = "Local checkpoint"
 DEVICES = ("auto", "cuda", "cpu")
+DEFAULT_TIMM = "deit_small_patch16_224"
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
 
 
@@ -126,12 +127,14 @@ def model_sidebar() -> tuple[LoadedModel, ModelKey]:
         "Source", [DEFAULT_SOURCE, TIMM_SOURCE, CHECKPOINT_SOURCE], key="model_source"
     )
     key = ModelKey("default", "default", "cpu")
+    names = timm_vit_names() if source != DEFAULT_SOURCE else []
+    for key_name in ("timm_name", "ckpt_arch"):
+        if names and st.session_state.get(key_name) is None:
+            st.session_state[key_name] = DEFAULT_TIMM if DEFAULT_TIMM in names else names[0]
     if source == TIMM_SOURCE:
-        names = timm_vit_names()
         name = st.sidebar.selectbox(
             "timm architecture",
             names,
-            index=names.index("deit_small_patch16_224") if "deit_small_patch16_224" in names else 0,
             key="timm_name",
             accept_new_options=True,
             help="Any timm VisionTransformer with standard blocks.",
@@ -146,11 +149,9 @@ def model_sidebar() -> tuple[LoadedModel, ModelKey]:
         )
         key = ModelKey(str(name), weights, "cpu")
     elif source == CHECKPOINT_SOURCE:
-        names = timm_vit_names()
         arch = st.sidebar.selectbox(
             "timm architecture of the checkpoint",
             names,
-            index=names.index("deit_small_patch16_224") if "deit_small_patch16_224" in names else 0,
             key="ckpt_arch",
             accept_new_options=True,
         )

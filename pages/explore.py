@@ -347,9 +347,9 @@ def model_output(view: View, model: LoadedModel) -> None:
         same = summary.class_probabilities(reduced.logits, [c.index for c in full_top], names)
         table = pd.DataFrame(
             {
-                "full model": [c.name for c in full_top],
+                "full model": [c.short_name for c in full_top],
                 "p (full)": [c.probability for c in full_top],
-                "reduced model": [c.name for c in reduced_top],
+                "reduced model": [c.short_name for c in reduced_top],
                 "p (reduced)": [c.probability for c in reduced_top],
             },
             index=pd.RangeIndex(1, len(full_top) + 1, name="rank"),
@@ -471,7 +471,7 @@ def _metrics(model: LoadedModel, model_key: ModelKey, reduced: TimedRun, full: T
         top_reduced = summary.top_classes(reduced.result.logits, names, 1)[0]
         cols[2].metric(
             "Top-1 (reduced)",
-            top_reduced.name[:28],
+            top_reduced.short_name,
             delta="same as full" if top_full.index == top_reduced.index else "differs from full",
             delta_color="normal" if top_full.index == top_reduced.index else "inverse",
         )

@@ -275,7 +275,8 @@ def test_top_classes_and_fidelity(real_runs, test_vit):
     assert top[0].name == names[top[0].index]
     same = summary.class_probabilities(reduced.logits, [c.index for c in top], names)
     figure = charts.topk_chart(top, same)
-    assert list(figure.data[0].y) == [c.name for c in top][::-1]
+    assert list(figure.data[0].y) == [f"{c.short_name} ({c.index})" for c in top][::-1]
+    assert summary.ClassScore(1, "gas pump, gasoline pump", 0.5).short_name == "gas pump"
     assert summary.feature_cosine(full.features, full.features) == pytest.approx(1.0)
     assert -1.0 <= summary.feature_cosine(full.features, reduced.features) <= 1.0
     assert summary.reduction_percent(3.0, 4.0) == pytest.approx(25.0)

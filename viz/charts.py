@@ -64,7 +64,7 @@ def topk_chart(
     full: Sequence[ClassScore], reduced: Sequence[ClassScore], *, height: int = 300
 ) -> go.Figure:
     """Probabilities of the full model's top classes, under the full and reduced model."""
-    names = [score.name for score in full][::-1]
+    names = [f"{score.short_name} ({score.index})" for score in full][::-1]
     figure = go.Figure()
     figure.add_trace(
         go.Bar(
@@ -86,7 +86,8 @@ def topk_chart(
     )
     figure.update_layout(barmode="group")
     figure = _layout(figure, "Top classes of the full model", "probability", height)
-    figure.update_xaxes(title_text="probability", range=[0, 1])
+    top = max([score.probability for score in (*full, *reduced)], default=1.0)
+    figure.update_xaxes(title_text="probability", range=[0, min(1.0, 1.1 * top) or 1.0])
     figure.update_yaxes(title_text=None)
     return figure
 

@@ -15,6 +15,11 @@ class ClassScore:
     name: str
     probability: float
 
+    @property
+    def short_name(self) -> str:
+        """The first of ImageNet's synonyms ("gas pump, gasoline pump, ..." -> "gas pump")."""
+        return self.name.split(",")[0].strip()
+
 
 def top_classes(
     logits: Tensor, names: Sequence[str] | None = None, k: int = 5, *, index: int = 0

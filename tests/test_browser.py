@@ -43,6 +43,17 @@ def chromium_path() -> str:
     )
 
 
+def die_with_parent() -> None:
+    """In the child: get SIGTERM when the test process dies, even if it is killed (Linux)."""
+    try:
+        import ctypes
+        import signal
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
@@ -83,7 +94,12 @@ def app_url(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path):
     ]  # fmt: skip
     with log.open("w") as output:
         process = subprocess.Popen(
-            command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT
+            command,
+            cwd=ROOT,
+            env=env,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent if sys.platform.startswith("linux") else None,
         )
     url = f"http://127.0.0.1:{port}"
     try:

@@ -28,6 +28,7 @@ from pages.common import (
     crop_sidebar,
     display_array,
     image_sidebar,
+    keep_widget_state,
     model_sidebar,
     usable_presets,
 )
@@ -44,6 +45,7 @@ from viz.schedule_table import (
 )
 
 DOWNLOAD_MAX_SIDE = 2048
+PAGE_WIDGETS = ("schedule_text", "schedule_preset", "layer", "segment_mode", "segment_boundaries")
 SCHEDULE_HELP = (
     "`METHOD:key=value,…@LAYERS` parts joined by `;`. Layers are 0-based: `3,6,9` or `0-5`; "
     "no `@` means every layer. Examples: `tome:r=8`, `evit:keep=0.7@3,6,9`, "
@@ -268,7 +270,8 @@ def layer_views(view: View) -> None:
         "State after layer", 0, depth - 1, key="layer", help="0-based; the input has every patch"
     )
     mode = top[1].radio("Segments", ["mean colour", "tint"], horizontal=True, key="segment_mode")
-    boundaries = top[2].toggle("Boundaries", value=True, key="segment_boundaries")
+    state.setdefault("segment_boundaries", True)
+    boundaries = top[2].toggle("Boundaries", key="segment_boundaries")
     record = trace.layers[layer]
     methods = ", ".join(REDUCERS[m].label if m in REDUCERS else m for m in record.methods)
     st.caption(
@@ -380,6 +383,7 @@ def model_output(view: View, model: LoadedModel) -> None:
 
 
 def explore_page() -> None:
+    keep_widget_state(*PAGE_WIDGETS)
     model, model_key = model_sidebar()
     choice: ImageChoice = image_sidebar()
     crop = crop_sidebar(choice, model)

@@ -10,6 +10,7 @@ st.set_page_config(page_title="TokenScope", page_icon=":material/grid_view:", la
 
 pages = [
     st.Page("pages/explore.py", title="Explore", icon=":material/layers:", default=True),
-    # Compare, Trade-off and Figures join here as their pages are built.
+    st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
+    # Trade-off and Figures join here as their pages are built.
 ]
 st.navigation(pages).run()

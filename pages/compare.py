@@ -720,7 +720,9 @@ def summary_table(
         )
     classifier = full.result.logits is not None
     count = _set_size(full_set)
-    set_label = f"top-1 as full, {count} images" if classifier else f"cosine, {count} images"
+    set_label = (
+        f"top-1 as full ({count} images)" if classifier else f"feature cosine ({count} images)"
+    )
     agreement_label = f"{metric.label} vs {first.letter}"
     table = compare.comparison_table(rows, agreement_label=agreement_label, set_label=set_label)
     st.dataframe(

@@ -13,6 +13,8 @@ from streamlit.testing.v1 import AppTest
 
 from analysis import run
 from analysis.agreement import METRICS, AgreementMatrix, agreement_matrix
+from tests.test_browser import CHROMIUM_ARGS, RUN_TIMEOUT_MS, chromium_path, wait_idle
+from tests.test_browser import app_url as app_url  # the `streamlit run` fixture, reused
 from viz import compare
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
@@ -333,3 +335,46 @@ def test_explore_schedule_carries_over():
     at.switch_page("pages/compare.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.text_input(key="compare_schedule_0").value == "topk:keep=0.5@3,6,9"
+
+
+# --------------------------------------------------------------------------- browser
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_compare_page_in_chromium(app_url: str, tmp_path: Path):
+    """From Explore to Compare through the navigation, then matched mode and a bad
+    column, in real Chromium: pictures load and nothing raises."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.goto(app_url, wait_until="domcontentloaded")
+            main = page.locator('[data-testid="stMain"]')
+            main.get_by_text("Merged-token segments").wait_for(timeout=RUN_TIMEOUT_MS)
+            wait_idle(page)
+            page.locator('[data-testid="stSidebarNav"]').get_by_text(
+                "Compare", exact=True
+            ).first.click()
+            main.get_by_text("Methods × layers PNG").first.wait_for(timeout=RUN_TIMEOUT_MS)
+            wait_idle(page)
+            pictures = main.locator('[data-testid="stImage"] img')
+            assert pictures.count() >= 3 * 2 + 2
+            assert pictures.first.evaluate("img => img.complete && img.naturalWidth") > 0
+            assert main.locator(".js-plotly-plot").count() >= 4
+
+            main.get_by_text("Matched cost", exact=True).click()
+            main.get_by_text("within ±").first.wait_for(timeout=RUN_TIMEOUT_MS)
+            wait_idle(page)
+            box = main.locator('[data-testid="stTextInput"] input').nth(1)
+            box.fill("evit:keep=7@3")
+            box.press("Enter")
+            main.get_by_text("is above its range").first.wait_for(timeout=RUN_TIMEOUT_MS)
+            wait_idle(page)
+            assert main.get_by_text("C · Top-K").count() >= 1
+            assert page.locator('[data-testid="stException"]').count() == 0
+            page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
+        finally:
+            browser.close()

@@ -62,7 +62,6 @@ class View:
     crop: CropInfo
     reduced: TimedRun
     full: TimedRun
-    image_label: str
 
 
 # --------------------------------------------------------------------------- schedule inputs
@@ -101,12 +100,11 @@ def _on_editor(key: str, rows: list[dict], depth: int, choices: dict[str, str]) 
     _bump_editor()
 
 
-def schedule_sidebar(model: LoadedModel):
-    """Preset, text and per-layer editor, kept in sync; returns the schedule to run and
-    the placeholder for messages about it."""
+def schedule_sidebar(model: LoadedModel, choices: dict[str, str]):
+    """Preset and text, kept in sync with each other and the per-layer editor; returns
+    the schedule to run and the placeholder for messages about it."""
     state = st.session_state
     depth = model.facts.depth
-    choices = usable_presets(model)
     options = [*choices, CUSTOM_PRESET]
     first_method = next((t for t in choices if choices[t] != "none"), None)
     state.setdefault("schedule_text", choices[first_method] if first_method else "none")
@@ -139,11 +137,10 @@ def schedule_sidebar(model: LoadedModel):
     return schedule, slot
 
 
-def schedule_editor(schedule: Schedule, model: LoadedModel) -> None:
+def schedule_editor(schedule: Schedule, model: LoadedModel, choices: dict[str, str]) -> None:
     """The per-layer editor (a row per layer), kept in sync with the schedule text."""
     state = st.session_state
     depth = model.facts.depth
-    choices = usable_presets(model)
     with st.expander("Per-layer schedule editor", icon=":material/table_edit:"):
         left, right = st.columns([3, 2])
         rows = schedule_to_rows(schedule, depth)
@@ -387,7 +384,8 @@ def explore_page() -> None:
     model, model_key = model_sidebar()
     choice: ImageChoice = image_sidebar()
     crop = crop_sidebar(choice, model)
-    schedule, schedule_slot = schedule_sidebar(model)
+    choices = usable_presets(model)
+    schedule, schedule_slot = schedule_sidebar(model, choices)
 
     st.title("Explore")
     st.caption(
@@ -409,7 +407,7 @@ def explore_page() -> None:
 
     result = reduced.result
     _metrics(model, model_key, reduced, full)
-    schedule_editor(schedule, model)
+    schedule_editor(schedule, model, choices)
     image = display_array(choice.key, crop, result.trace.grid, choice.image)
     view = View(
         image=image,
@@ -417,7 +415,6 @@ def explore_page() -> None:
         crop=crop,
         reduced=reduced,
         full=full,
-        image_label=choice.label,
     )
     layer_views(view)
 

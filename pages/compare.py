@@ -406,7 +406,7 @@ def set_runs(
             )
         try:
             timed = cached_batch_run(key, images.keys, text, model, images.images)
-        except TokenScopeError as error:
+        except (TokenScopeError, RuntimeError) as error:  # torch's too: the page goes on
             if index is not None:
                 runs[index] = str(error)
             continue

@@ -327,6 +327,21 @@ def test_agreement_metrics_and_views():
     assert not at.exception
 
 
+def test_classifier_shows_top5_per_column():
+    at = open_compare(compare_count=2)
+    at.radio(key="model_source").set_value("timm model").run()
+    at.selectbox(key="timm_name").set_value("deit_tiny_patch16_224").run()
+    at.radio(key="timm_weights").set_value("random").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert [m.label for m in at.metric].count("Top-1") == 2
+    top5 = [f.value for f in at.dataframe if "top-5" in f.value.columns]
+    assert len(top5) == 2 and all(len(frame) == 5 for frame in top5)
+    table = summary_frame(at)
+    assert {"top-1 as full", "top-5 shared", "top-1 as full (2 images)"} <= set(table.columns)
+    assert "feature cosine" not in table.columns
+    assert table["GMACs"].max() < 1.3  # DeiT-Tiny: 1.3 GMACs in full
+
+
 def test_explore_schedule_carries_over():
     at = AppTest.from_file(APP, default_timeout=TIMEOUT)
     at.session_state["compare_set"] = ["chelsea (cat)"]

@@ -11,7 +11,9 @@ lives in the ``comparison`` fragment, so moving the layer slider only redraws.
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
 
@@ -253,11 +255,12 @@ def schedule_inputs(model: LoadedModel, count: int) -> list[str]:
     depth = model.facts.depth
     choices = usable_presets(model)
     options = [*choices, CUSTOM_PRESET]
-    defaults = default_texts(model, choices)
+    if any(f"compare_schedule_{index}" not in state for index in range(count)):
+        for index, text in enumerate(default_texts(model, choices)):
+            state.setdefault(f"compare_schedule_{index}", text)
     texts = []
     for index, cell in enumerate(st.columns(count)):
         text_key, preset_key = f"compare_schedule_{index}", f"compare_preset_{index}"
-        state.setdefault(text_key, defaults[index])
         if state.get(preset_key) not in options:
             state[preset_key] = matching_preset(state[text_key], choices, depth)
         with cell:
@@ -450,12 +453,12 @@ def compare_page() -> None:
     columns = [
         run_column(i, text, model, model_key, choice, target) for i, text in enumerate(texts)
     ]
-    column_status(columns, target)
+    column_status(columns)
     images = image_set(choice, samples)
     comparison(model, model_key, choice, crop, full, columns, images, target)
 
 
-def column_status(columns: list[Column], target: Target | None) -> None:
+def column_status(columns: list[Column]) -> None:
     """Per column: what matched mode set, or the column's error."""
     for column, cell in zip(columns, st.columns(len(columns)), strict=True):
         with cell:
@@ -523,7 +526,17 @@ def comparison(
     image = display_array(choice.key, crop, full.result.trace.grid, choice.image)
     for column, cell in zip(columns, st.columns(len(columns)), strict=True):
         with cell:
-            column_views(column, image, layer, views or [], segment_mode, full, model, colors)
+            column_views(
+                column,
+                [*model_tuple(model_key), choice.key],
+                image,
+                layer,
+                views or [],
+                segment_mode,
+                full,
+                model,
+                colors,
+            )
 
     st.subheader("Summary", divider="gray")
     metric_name = state.get("compare_metric", "iou")
@@ -589,6 +602,7 @@ def comparison(
 
 def column_views(
     column: Column,
+    source: list,  # what the image is: the model's key and the image's key
     image: np.ndarray,
     layer: int,
     views: list[str],
@@ -619,14 +633,24 @@ def column_views(
     )
     output_metric(metrics[1], result, full.result, model)
     for view in views:
-        picture = compare.render_view(image, result.trace, view, layer, segment_mode=segment_mode)
+        at = None if view == "depth" else layer  # token depth is the same at every layer
+        signature = json.dumps([source, column.ran, view, at, segment_mode])
+        draw = partial(compare.render_view, image, result.trace, view, layer)
+        png = cached_picture(signature, partial(draw, segment_mode=segment_mode))
         st.markdown(f"**{compare.VIEWS[view]}**" + (" (all layers)" if view == "depth" else ""))
-        if picture is None:
+        if png is None:
             st.info(no_scores_message(result, layer), icon=":material/info:")
         else:
-            st.image(overlays.to_png(picture, fast=True), output_format="PNG", width="stretch")
+            st.image(png, output_format="PNG", width="stretch")
     if result.logits is not None and full.result.logits is not None:
         top5(result, full.result, model)
+
+
+@st.cache_data(show_spinner=False, max_entries=256)
+def cached_picture(signature: str, _draw: Callable[[], np.ndarray | None]) -> bytes | None:
+    """A column's picture as a quick PNG, drawn once per signature."""
+    picture = _draw()
+    return None if picture is None else overlays.to_png(picture, fast=True)
 
 
 def no_scores_message(result: RunResult, layer: int) -> str:
@@ -870,20 +894,82 @@ def grids(
     if not good:
         st.info("No column ran, so there is nothing to lay out.")
         return view, grid_layers
-    legend = compare.legend_strip(view, depth, 640)
-    model_name = model_key.describe()
-    grid_size = good[0].result.trace.grid
-    thumbnails = [
+    layers_shown = [depth - 1] if view == "depth" else grid_layers
+    where = "" if view == "depth" else f", after layer {layer}"
+    plan = GridPlan(
+        model_key.describe(),
+        model_tuple(model_key),
+        images.keys,
+        tuple((c.name, c.ran) for c in good),
+        view,
+        segment_mode,
+        depth,
+    )
+    build = partial(images_grid, plan, model, good, batch, images, layer)
+    at = None if view == "depth" else layer  # token depth is the same at every layer
+    by_image, shown = cached_grid(plan.signature("images", at), build)
+    st.markdown(f"**{len(images.keys)} images × {len(good)} methods**{where}")
+    st.image(shown, output_format="PNG")
+    download("Images × methods PNG", by_image, f"compare_images_{view}_layer{layer}.png")
+
+    build = partial(layers_grid, plan, model, good, images, layers_shown)
+    by_layer, shown = cached_grid(plan.signature("layers", layers_shown), build)
+    st.markdown(f"**{len(good)} methods × {len(layers_shown)} layers**, {images.labels[0]}")
+    if view == "depth":
+        st.caption("Token depth already sums up every layer, so this grid has one column.")
+    st.image(shown, output_format="PNG")
+    download("Methods × layers PNG", by_layer, f"compare_layers_{view}.png")
+    return view, grid_layers
+
+
+@dataclass(frozen=True)
+class GridPlan:
+    """What a grid shows, without the runs; its signature keys the grid cache."""
+
+    model_name: str
+    model_key: tuple[str, str, str]
+    image_keys: tuple[str, ...]
+    columns: tuple[tuple[str, str], ...]  # (name, schedule that ran)
+    view: str
+    segment_mode: str
+    depth: int
+
+    def signature(self, kind: str, *extra) -> str:
+        return json.dumps([kind, dataclasses.asdict(self), *extra])
+
+    @property
+    def legend(self) -> np.ndarray | None:
+        return compare.legend_strip(self.view, self.depth, 640)
+
+
+@st.cache_data(show_spinner=False, max_entries=32)
+def cached_grid(signature: str, _build: Callable[[], np.ndarray]) -> tuple[np.ndarray, bytes]:
+    """A grid and its quick PNG, drawn once per signature (revisiting a layer is free)."""
+    grid = _build()
+    return grid, overlays.to_png(grid, fast=True)
+
+
+def thumbnails(model: LoadedModel, images: ImageSet, grid: tuple[int, int]) -> list[np.ndarray]:
+    return [
         overlays.thumbnail(
-            display_array(key, fit_to_input(image, model.data_config)[1], grid_size, image),
+            display_array(key, fit_to_input(image, model.data_config)[1], grid, image),
             2 * GRID_CELL,
         )
         for key, image in zip(images.keys, images.images, strict=True)
     ]
 
-    where = "" if view == "depth" else f", after layer {layer}"
+
+def images_grid(
+    plan: GridPlan,
+    model: LoadedModel,
+    good: list[Column],
+    batch: dict[int, TimedRun | str],
+    images: ImageSet,
+    layer: int,
+) -> np.ndarray:
+    """Rows: the image set; columns: the input, then each method at ``layer``."""
     rows = []
-    for position, small in enumerate(thumbnails):
+    for position, small in enumerate(thumbnails(model, images, good[0].result.trace.grid)):
         row: list[compare.Cell] = [small]
         for column in good:
             timed = batch.get(column.index)
@@ -893,55 +979,56 @@ def grids(
             picture = compare.render_view(
                 small,
                 timed.result.trace,
-                view,
+                plan.view,
                 layer,
                 index=position,
-                segment_mode=segment_mode,
+                segment_mode=plan.segment_mode,
                 legend=False,
             )
             row.append(picture if picture is not None else f"no scores at layer {layer}")
         rows.append(row)
-    by_image = compare.compose_grid(
+    where = "" if plan.view == "depth" else f" · after layer {layer}"
+    return compare.compose_grid(
         rows,
         list(images.labels),
-        ["input", *(f"{c.name}\n{c.ran}" for c in good)],
+        ["input", *(f"{name}\n{ran}" for name, ran in plan.columns)],
         cell_side=GRID_CELL,
-        title=f"{model_name} · {compare.VIEWS[view]}{where}",
-        footer=legend,
+        title=f"{plan.model_name} · {compare.VIEWS[plan.view]}{where}",
+        footer=plan.legend,
     )
-    st.markdown(f"**{len(images.keys)} images × {len(good)} methods**{where}")
-    st.image(overlays.to_png(by_image, fast=True), output_format="PNG")
-    download("Images × methods PNG", by_image, f"compare_images_{view}_layer{layer}.png")
 
-    layers_shown = [depth - 1] if view == "depth" else grid_layers
+
+def layers_grid(
+    plan: GridPlan,
+    model: LoadedModel,
+    good: list[Column],
+    images: ImageSet,
+    layers: list[int],
+) -> np.ndarray:
+    """Rows: the methods; columns: the chosen layers, on the page's image."""
+    base = thumbnails(model, images, good[0].result.trace.grid)[0]
     cells = []
     for column in good:
-        row = []
-        for at in layers_shown:
+        row: list[compare.Cell] = []
+        for at in layers:
             picture = compare.render_view(
-                thumbnails[0],
+                base,
                 column.result.trace,
-                view,
+                plan.view,
                 at,
-                segment_mode=segment_mode,
+                segment_mode=plan.segment_mode,
                 legend=False,
             )
             row.append(picture if picture is not None else f"no scores at layer {at}")
         cells.append(row)
-    by_layer = compare.compose_grid(
+    return compare.compose_grid(
         cells,
-        [c.name for c in good],
-        ["all layers"] if view == "depth" else [f"layer {at}" for at in layers_shown],
+        [name for name, _ in plan.columns],
+        ["all layers"] if plan.view == "depth" else [f"layer {at}" for at in layers],
         cell_side=GRID_CELL,
-        title=f"{model_name} · {images.labels[0]} · {compare.VIEWS[view]}",
-        footer=legend,
+        title=f"{plan.model_name} · {images.labels[0]} · {compare.VIEWS[plan.view]}",
+        footer=plan.legend,
     )
-    st.markdown(f"**{len(good)} methods × {len(layers_shown)} layers**, {images.labels[0]}")
-    if view == "depth":
-        st.caption("Token depth already sums up every layer, so this grid has one column.")
-    st.image(overlays.to_png(by_layer, fast=True), output_format="PNG")
-    download("Methods × layers PNG", by_layer, f"compare_layers_{view}.png")
-    return view, grid_layers
 
 
 def download(label: str, picture: np.ndarray, name: str) -> None:

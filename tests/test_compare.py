@@ -279,6 +279,12 @@ def test_matched_mode_lands_every_column_on_the_target():
     full = table["GMACs"].iloc[0] / (1 - table["reduction %"].iloc[0] / 100)
     assert np.allclose(table["GMACs"], 0.65 * full, atol=0.01 * full + 1e-3)
 
+    at.number_input(key="compare_tolerance").set_value(0.05).run()  # ToMe's r is coarse
+    assert not at.exception, [e.value for e in at.exception]
+    tome = next(m.value for m in at.markdown if "set to `r=" in m.value)
+    assert "within ±" in tome or any("ToMe cannot land" in w.value for w in at.warning)
+
+    at.number_input(key="compare_tolerance").set_value(1.0).run()
     at.number_input(key="compare_target_percent").set_value(2.0).run()
     assert not at.exception
     warnings = [w.value for w in at.warning]

@@ -204,7 +204,6 @@ def agreement_heatmap(
         title={"text": title or metric.label, "font": {"size": 14}},
         height=height,
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
-        template="plotly_white",
     )
     figure.update_yaxes(autorange="reversed")
     return figure
@@ -591,7 +590,6 @@ def _layout(figure: go.Figure, title: str, y_title: str, height: int) -> go.Figu
         height=height,
         margin={"l": 10, "r": 10, "t": 40, "b": 40},
         legend={"orientation": "h", "yanchor": "top", "y": -0.25, "xanchor": "left", "x": 0},
-        template="plotly_white",
     )
     figure.update_xaxes(title_text="layer", dtick=1)
     figure.update_yaxes(title_text=y_title)

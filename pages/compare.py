@@ -646,7 +646,7 @@ def column_views(
         top5(result, full.result, model)
 
 
-@st.cache_data(show_spinner=False, max_entries=256)
+@st.cache_data(show_spinner=False, max_entries=96)
 def cached_picture(signature: str, _draw: Callable[[], np.ndarray | None]) -> bytes | None:
     """A column's picture as a quick PNG, drawn once per signature."""
     picture = _draw()
@@ -942,7 +942,7 @@ class GridPlan:
         return compare.legend_strip(self.view, self.depth, 640)
 
 
-@st.cache_data(show_spinner=False, max_entries=32)
+@st.cache_data(show_spinner=False, max_entries=12)
 def cached_grid(signature: str, _build: Callable[[], np.ndarray]) -> tuple[np.ndarray, bytes]:
     """A grid and its quick PNG, drawn once per signature (revisiting a layer is free)."""
     grid = _build()

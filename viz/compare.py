@@ -163,11 +163,14 @@ def legend_strip(view: str, depth: int, width: int, *, height: int = 22) -> np.n
     if view == "depth":
         colors = layer_colors(depth)
         label = f"reduced at layer 0 … {depth - 1}"
-        return _gradient_strip(colors, label, [(NEVER_REDUCED_RGB, "never")], width, height, font)
+        extras = [(NEVER_REDUCED_RGB, "never"), (None, "dropped (hatched)")]
+        return _gradient_strip(colors, label, extras, width, height, font)
     if view == "heatmap":
         ramp = apply_colormap(np.linspace(0.0, 1.0, 32), "inferno")
         label = "importance score, low … high (per picture)"
-        return _gradient_strip(ramp, label, [(PLACEHOLDER, "no score")], width, height, font)
+        return _gradient_strip(
+            ramp, label, [((35, 35, 35), "gone before this layer")], width, height, font
+        )
     return None
 
 
@@ -516,7 +519,14 @@ def _gradient_strip(ramp: np.ndarray, label: str, extras, width: int, height: in
     draw.text((x, height / 2), label, fill=INK, font=font, anchor="lm")
     x += _text_width(font, label) + 16
     for color, text in extras:
-        draw.rectangle((x, 3, x + bar_h, 3 + bar_h), fill=tuple(color), outline=(60, 60, 60))
+        if color is None:  # hatched, as dropped patches are drawn
+            y, x_ = np.mgrid[0 : bar_h + 1, 0 : bar_h + 1]
+            stripes = ((x_ + y) % 5) < 2
+            tile = np.where(stripes[..., None], 40, 225).astype(np.uint8).repeat(3, axis=-1)
+            canvas.paste(Image.fromarray(tile), (x, 3))
+            draw.rectangle((x, 3, x + bar_h, 3 + bar_h), outline=(60, 60, 60))
+        else:
+            draw.rectangle((x, 3, x + bar_h, 3 + bar_h), fill=tuple(color), outline=(60, 60, 60))
         draw.text((x + bar_h + 4, height / 2), text, fill=INK, font=font, anchor="lm")
         x += bar_h + 4 + _text_width(font, text) + 16
     return np.asarray(canvas)

@@ -398,14 +398,14 @@ def set_runs(
     status = None
     if fresh:
         status = st.status(
-            f"Running {len(fresh)} schedule(s) on {len(images.keys)} images…", expanded=False
+            f"Running {len(fresh)} schedule(s) on {_images(len(images.keys))}…", expanded=False
         )
     full, runs = None, {}
     for position, (index, text) in enumerate(jobs):
         if status is not None:
             status.update(
                 label=f"Running schedule {position + 1} of {len(jobs)} on "
-                f"{len(images.keys)} images…"
+                f"{_images(len(images.keys))}…"
             )
         try:
             timed = cached_batch_run(key, images.keys, text, model, images.images)
@@ -420,7 +420,7 @@ def set_runs(
             runs[index] = timed
     if status is not None:
         status.update(
-            label=f"Ran {len(fresh)} schedule(s) on {len(images.keys)} images", state="complete"
+            label=f"Ran {len(fresh)} schedule(s) on {_images(len(images.keys))}", state="complete"
         )
     return full, runs
 
@@ -745,7 +745,7 @@ def summary_table(
     classifier = full.result.logits is not None
     count = _set_size(full_set)
     set_label = (
-        f"top-1 as full ({count} images)" if classifier else f"feature cosine ({count} images)"
+        f"top-1 as full ({_images(count)})" if classifier else f"feature cosine ({_images(count)})"
     )
     agreement_label = f"{metric.label} vs {first.letter}"
     table = compare.comparison_table(rows, agreement_label=agreement_label, set_label=set_label)
@@ -790,7 +790,7 @@ def agreement_section(
     )
     metric = METRICS[metric_name]
     if metric.needs_features:
-        controls[1].markdown(f"Over the **image set** ({count} images)")
+        controls[1].markdown(f"Over the **image set** ({_images(count)})")
         measure = "set"
     else:
         measure = controls[1].radio(
@@ -822,9 +822,9 @@ def agreement_section(
         return
     matrix = agreement_matrix(runs, metric_name, layer if metric.per_layer else None, image_index)
     where = f"at layer {layer}" if metric.per_layer else "per pair"
-    scope = {"image": "this image", "set": f"mean over {count} images"}[measure]
+    scope = {"image": "this image", "set": f"mean over {_images(count)}"}[measure]
     if metric.needs_features:
-        scope = f"features of {count} images"
+        scope = f"features of {_images(count)}"
     left, right = st.columns(2)
     left.plotly_chart(
         compare.agreement_heatmap(matrix, metric, title=f"{metric.label} {where} ({scope})"),
@@ -856,7 +856,9 @@ def agreement_section(
                 compare.agreement_lines(series, metric, layer, colors=line_colors),
                 key="compare_lines",
             )
-    if metric.needs_features and count < 5:
+    if metric.needs_features and count < 2:
+        st.warning("CKA compares features across images: add samples to the image set.")
+    elif metric.needs_features and count < 5:
         st.caption(
             f"CKA over {count} images is coarse; add samples to the image set in the sidebar "
             "for a steadier number."
@@ -908,7 +910,7 @@ def grids(
     build = partial(images_grid, plan, model, good, batch, images, layer)
     at = None if view == "depth" else layer  # token depth is the same at every layer
     by_image, shown = cached_grid(plan.signature("images", at), build)
-    st.markdown(f"**{len(images.keys)} images × {len(good)} methods**{where}")
+    st.markdown(f"**{_images(len(images.keys))} × {len(good)} methods**{where}")
     st.image(shown, output_format="PNG")
     download("Images × methods PNG", by_image, f"compare_images_{view}_layer{layer}.png")
 
@@ -1073,6 +1075,10 @@ def _format_value(value) -> str:
 
 def _dot(color: str) -> str:
     return f'<span style="color:{color}">●</span>'
+
+
+def _images(count: int) -> str:
+    return f"{count} image" if count == 1 else f"{count} images"
 
 
 def _set_size(timed: TimedRun | None) -> int:

@@ -333,6 +333,15 @@ def test_agreement_metrics_and_views():
     assert not at.exception
 
 
+def test_an_image_set_of_one_image():
+    at = open_compare(compare_count=2, compare_set=[])
+    assert "1 image × 2 methods" in page_text(at)
+    at.selectbox(key="compare_metric").set_value("cka").run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert any("add samples to the image set" in w.value for w in at.warning)
+    assert "n\\u002fa" in charts(at)  # "n/a", as plotly escapes it: CKA of one image
+
+
 def test_classifier_shows_top5_per_column():
     at = open_compare(compare_count=2)
     at.radio(key="model_source").set_value("timm model").run()

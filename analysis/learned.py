@@ -68,6 +68,7 @@ class LearnedReducer:
     module_class: ClassVar[type[nn.Module]]
     name: ClassVar[str]
     label: ClassVar[str]
+    default_lr: ClassVar[float] = 1e-3  # AdamW learning rate of `python -m analysis train`
 
     _module: nn.Module | None = None
     _source: str = ""

@@ -81,7 +81,7 @@ class TrainConfig:
     labels: str = "auto"  # auto | on | off
     steps: int = 300
     batch_size: int = 8
-    lr: float = 1e-3
+    lr: float | None = None  # None: the method's default_lr
     weight_decay: float = 1e-4
     warmup: float = 0.05  # fraction of the steps
     clip_grad: float = 5.0
@@ -355,6 +355,7 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
     saved next to the weights as ``OUT.backbone.safetensors``).
     """
     from analysis.engine import _attach_weights, forward
+    from analysis.reducers import reducer_class
     from analysis.schedule import parse_schedule
 
     if not config.schedules:
@@ -384,7 +385,8 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
     for item in trained.modules.values():
         item.train().requires_grad_(True)
     trainable = [p for m in trained.modules.values() for p in m.parameters()]
-    groups = [{"params": trainable, "lr": config.lr}]
+    lr = config.lr if config.lr is not None else reducer_class(method).default_lr
+    groups = [{"params": trainable, "lr": lr}]
     if config.unfreeze:
         groups.append({"params": list(module.parameters()), "lr": config.backbone_lr})
     optimizer = torch.optim.AdamW(groups, weight_decay=config.weight_decay)
@@ -512,7 +514,7 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         loss=f"{result.final_loss:.6g}",
         first_loss=f"{result.first_loss:.6g}",
         batch_size=str(config.batch_size),
-        lr=str(config.lr),
+        lr=str(lr),
         seed=str(config.seed),
         backbone_frozen="no" if config.unfreeze else "yes",
         backbone_weights=str(backbone_path) if backbone_path else model.weights,
@@ -665,7 +667,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=None, help="output .safetensors path")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--lr", type=float, default=None, help="AdamW learning rate (default: the method's own)"
+    )
     parser.add_argument("--weight-decay", type=float, default=1e-4)
     parser.add_argument("--warmup", type=float, default=0.05, help="warm-up fraction of steps")
     parser.add_argument("--unfreeze", action="store_true", help="train the backbone too")

@@ -20,7 +20,7 @@ from tests.conftest import tiny
 SCHEDULES = {
     "dtem": "dtem:r=3",
     "patchmerger": "patchmerger:tokens=4@1",
-    "cropr-llf": "cropr:rate=2@0-1",
+    "cropr-llf": "cropr:rate=2,llf=1@0-1",
     "cropr": "cropr:rate=2,llf=0@0-2",
     "ltm": "ltm:keep=0.8",
     "mstm": "mstm:keep=0.5@1,2",
@@ -184,8 +184,8 @@ def test_patchmerger_trace_shows_soft_and_hard_assignment():
 
 
 def test_cropr_scores_are_the_heatmap_and_llf_restores_tokens():
-    model = learned(tiny("vit_small_patch16_224"), "cropr:rate=2@0-1")
-    result = run(model, torch.randn(2, 3, 64, 64), "cropr:rate=2@0-1")
+    model = learned(tiny("vit_small_patch16_224"), "cropr:rate=2,llf=1@0-1")
+    result = run(model, torch.randn(2, 3, 64, 64), "cropr:rate=2,llf=1@0-1")
     trace = result.trace
     assert trace.layers[0].scores is not None and torch.isfinite(trace.layers[0].scores).all()
     # the first module prunes rate + 1, the next rate; LLF brings all back for the last block

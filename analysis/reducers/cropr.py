@@ -89,7 +89,7 @@ class Cropr(LearnedReducer, Reducer):
     )
     params: ClassVar[tuple[Param, ...]] = (
         Param("rate", int, 8, 0, 4096, "tokens pruned per module"),
-        Param("llf", bool, True, help="last-layer fusion: pruned tokens rejoin the final block"),
+        Param("llf", bool, False, help="last-layer fusion: pruned tokens rejoin the final block"),
         Param("first_extra", int, 1, 0, 64, "extra tokens the first module prunes (official: 1)"),
     )
 

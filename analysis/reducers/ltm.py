@@ -5,16 +5,19 @@ block's mask and outputs a merging mask G (N×N′); the MLP runs on the merged 
 The official repository lacks the block, so the mask module here is our reading (every
 choice is listed in docs/methods.md):
 
-* Scores: ``s_i = w·LN(z_i) + b + α·log(size_i)``. The previous block's mask enters through
-  the token sizes it produced (its column sums), weighted by a learned α.
+* Scores: ``s_i = w·LN(z_i) + b + α·log(size_i) − β·max_{j≠i} cos(LN z_i, LN z_j)``. The
+  previous block's mask enters through the token sizes it produced (its column sums),
+  weighted by a learned α; the last term (β learned, 5 at initialisation) makes a token
+  that has a near-twin a likely merge source, so an untrained module merges redundant
+  tokens first.
 * The N′ = ⌈keep·N⌉ best-scoring patch tokens are the merge targets (columns of G).
 * Row i of G: ``softmax_j(cos(LN z_i, LN z_j) / τ + s_j)`` over the targets j, with a
   learned temperature τ; a target token keeps itself.
 * Columns are normalised with the weights ``size_i · exp(s_i)``: a merged token is an
   importance- and size-weighted average (so the mask's values, not only its pattern, are
   learned); its size is ``Σ_i G_ij · size_i``, the number of patches it stands for.
-* Training uses G soft; inference makes each row hard (its argmax). The module has
-  D + 3 parameters plus its LayerNorm's 2D.
+* Training uses G soft (τ starts at 0.02, so soft rows are close to their argmax);
+  inference makes each row hard. The module has D + 4 parameters plus its LayerNorm's 2D.
 """
 
 from __future__ import annotations
@@ -51,17 +54,22 @@ class LTMMask(nn.Module):
         nn.init.trunc_normal_(self.score.weight, std=0.02)
         nn.init.zeros_(self.score.bias)
         self.size_weight = nn.Parameter(torch.zeros(()))  # α: the previous mask's sizes
-        self.log_tau = nn.Parameter(torch.tensor(math.log(0.1)))
+        self.redundancy_weight = nn.Parameter(torch.tensor(5.0))  # β: similarity to the rest
+        self.log_tau = nn.Parameter(torch.tensor(math.log(0.02)))
 
     def forward(self, patches: Tensor, size: Tensor, keep: int) -> tuple[Tensor, Tensor, Tensor]:
         """Scores [B, N], target indices [B, N′] (sorted), assignment logits [B, N, N′]."""
         normed = self.norm(patches)
+        unit = F.normalize(normed.float(), dim=-1)
+        similarity = unit @ unit.transpose(-1, -2)
+        eye = torch.eye(unit.shape[1], dtype=torch.bool, device=unit.device)
+        redundancy = similarity.masked_fill(eye, -1.0).amax(dim=-1)  # [B, N]
         scores = self.score(normed).squeeze(-1).float()
         scores = scores + self.size_weight * size.float().clamp(min=1e-6).log()
+        scores = scores - self.redundancy_weight * redundancy
         targets = scores.topk(keep, dim=1).indices.sort(dim=1).values
-        unit = F.normalize(normed.float(), dim=-1)
-        target_unit = unit.gather(1, targets.unsqueeze(-1).expand(-1, -1, unit.shape[-1]))
-        logits = unit @ target_unit.transpose(-1, -2) / self.log_tau.exp()
+        columns = targets.unsqueeze(1).expand(-1, unit.shape[1], -1)
+        logits = similarity.gather(2, columns) / self.log_tau.exp()
         logits = logits + scores.gather(1, targets).unsqueeze(1)
         return scores, targets, logits
 
@@ -72,6 +80,7 @@ class LTM(LearnedReducer, Reducer):
     site: ClassVar[Site] = Site.INSIDE
     proportional_attention: ClassVar[bool] = True
     strength: ClassVar[str] = "keep"
+    default_lr: ClassVar[float] = 1e-4  # a D-wide map: Adam's per-weight steps add up fast
     module_class: ClassVar[type[nn.Module]] = LTMMask
     description: ClassVar[str] = (
         "Merge N tokens into keep·N with a learned merging mask (needs trained weights)"
@@ -92,7 +101,7 @@ class LTM(LearnedReducer, Reducer):
         keep = kept_patches(self.values["keep"], patches)
         if keep == patches:
             return 0
-        return patches * facts.dim + patches * keep * facts.dim  # scores, then similarities
+        return patches * facts.dim + patches * patches * facts.dim  # scores, similarities
 
     def _mask(self, state: TokenState) -> tuple[int, Tensor, Tensor, Tensor] | None:
         prefix = state.num_prefix

@@ -88,6 +88,7 @@ class MSTM(LearnedReducer, Reducer):
     needs_class_token: ClassVar[bool] = True
     proportional_attention: ClassVar[bool] = True
     strength: ClassVar[str] = "keep"
+    default_lr: ClassVar[float] = 1e-4  # a D-wide map: Adam's per-weight steps add up fast
     module_class: ClassVar[type[nn.Module]] = MultiScaleFusion
     description: ClassVar[str] = (
         "Keep the tokens with the highest CLS attention, merge each other one into its most "

@@ -224,9 +224,11 @@ def browser(repeat: int) -> None:
                     change.append(1000 * (time.perf_counter() - start))
                     tab.wait_for_function(idle, timeout=120_000)
                     layer = int(slider.get_attribute("aria-valuetext"))
+                    last = int(slider.get_attribute("max"))
+                    left = layer == last or (step % 2 == 0 and layer > 0)
                     start = time.perf_counter()
-                    slider.press("ArrowLeft" if step % 2 == 0 else "ArrowRight")
-                    target = layer - 1 if step % 2 == 0 else layer + 1
+                    slider.press("ArrowLeft" if left else "ArrowRight")
+                    target = layer - 1 if left else layer + 1
                     tab.wait_for_function(moved, arg=target, timeout=120_000)
                     move.append(1000 * (time.perf_counter() - start))
                     tab.wait_for_function(idle, timeout=120_000)

@@ -124,6 +124,11 @@ class Column:
     def ran(self) -> str:
         return self.schedule.to_text() if self.schedule is not None else self.text
 
+    @property
+    def key(self) -> str:
+        """What ran, exactly (the JSON form keeps what the text form leaves out)."""
+        return self.schedule.to_json() if self.schedule is not None else self.text
+
 
 @dataclass(frozen=True)
 class ImageSet:
@@ -634,7 +639,7 @@ def column_views(
     output_metric(metrics[1], result, full.result, model)
     for view in views:
         at = None if view == "depth" else layer  # token depth is the same at every layer
-        signature = json.dumps([source, column.ran, view, at, segment_mode])
+        signature = json.dumps([source, column.key, view, at, segment_mode])
         draw = partial(compare.render_view, image, result.trace, view, layer)
         png = cached_picture(signature, partial(draw, segment_mode=segment_mode))
         st.markdown(f"**{compare.VIEWS[view]}**" + (" (all layers)" if view == "depth" else ""))
@@ -902,7 +907,7 @@ def grids(
         model_key.describe(),
         model_tuple(model_key),
         images.keys,
-        tuple((c.name, c.ran) for c in good),
+        tuple((c.name, c.ran, c.key) for c in good),
         view,
         segment_mode,
         depth,
@@ -931,7 +936,7 @@ class GridPlan:
     model_name: str
     model_key: tuple[str, str, str]
     image_keys: tuple[str, ...]
-    columns: tuple[tuple[str, str], ...]  # (name, schedule that ran)
+    columns: tuple[tuple[str, str, str], ...]  # name, schedule that ran: text and JSON
     view: str
     segment_mode: str
     depth: int
@@ -993,7 +998,7 @@ def images_grid(
     return compare.compose_grid(
         rows,
         list(images.labels),
-        ["input", *(f"{name}\n{ran}" for name, ran in plan.columns)],
+        ["input", *(f"{name}\n{ran}" for name, ran, _ in plan.columns)],
         cell_side=GRID_CELL,
         title=f"{plan.model_name} · {compare.VIEWS[plan.view]}{where}",
         footer=plan.legend,
@@ -1025,7 +1030,7 @@ def layers_grid(
         cells.append(row)
     return compare.compose_grid(
         cells,
-        [name for name, _ in plan.columns],
+        [name for name, _, _ in plan.columns],
         ["all layers"] if plan.view == "depth" else [f"layer {at}" for at in layers],
         cell_side=GRID_CELL,
         title=f"{plan.model_name} · {images.labels[0]} · {compare.VIEWS[plan.view]}",

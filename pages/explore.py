@@ -316,10 +316,13 @@ def layer_views(view: View) -> None:
             st.caption("Scores the reducer ranked tokens by; dark patches were already gone.")
             _png_button("Heatmap PNG", view, draw_heatmap, f"heatmap_layer{layer}.png")
 
+
+def cost_charts(view: View) -> None:
+    """Tokens and GMACs per layer; outside the fragment, so a slider move leaves them be."""
     left, right = st.columns(2)
     reduced_cost, full_cost = view.reduced.result.cost, view.full.result.cost
-    left.plotly_chart(charts.tokens_chart(reduced_cost, full_cost, layer), key="tokens_chart")
-    right.plotly_chart(charts.gmacs_chart(reduced_cost, full_cost, layer), key="gmacs_chart")
+    left.plotly_chart(charts.tokens_chart(reduced_cost, full_cost), key="tokens_chart")
+    right.plotly_chart(charts.gmacs_chart(reduced_cost, full_cost), key="gmacs_chart")
 
 
 def filmstrip(view: View) -> None:
@@ -417,6 +420,7 @@ def explore_page() -> None:
         full=full,
     )
     layer_views(view)
+    cost_charts(view)
 
     st.subheader("Model output")
     model_output(view, model)

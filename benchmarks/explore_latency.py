@@ -4,8 +4,8 @@ Three levels, each on the default model and the astronaut sample:
 
 * ``pieces``: what the page computes, without Streamlit: check the schedule, run the
   model with its trace, draw the four pictures and two charts, the filmstrip, and encode
-  the pictures as PNG. A slider move only redraws one layer. Run in a worker thread, as
-  Streamlit runs page scripts.
+  the pictures as PNG. A slider move only redraws the three per-layer pictures. Run in a
+  worker thread, as Streamlit runs page scripts.
 * ``page``: the whole page script rerun after a schedule edit, through Streamlit's
   AppTest (server side: everything but the browser's drawing).
 * ``browser`` (with ``--browser``): in headless Chromium against ``streamlit run``, from
@@ -66,21 +66,26 @@ def sample() -> Image.Image:
     return Image.fromarray(data.astronaut())
 
 
-def draw(image, reduced, full, layer: int) -> list:
-    """Everything the layer views draw for one layer, encoded as the page sends it."""
+def draw_layer(image, reduced, layer: int) -> list:
+    """What a slider move redraws: the three per-layer pictures, PNG-encoded as sent."""
     trace = reduced.trace
     pictures = [
         overlays.render_segments(image, trace, layer),
         overlays.render_pruned(image, trace, layer),
-        overlays.render_token_depth(image, trace),
     ]
     if overlays.layer_scores(trace, layer) is not None:
         pictures.append(overlays.render_heatmap(image, trace, layer))
-    figures = [
-        charts.tokens_chart(reduced.cost, full.cost, layer).to_json(),
-        charts.gmacs_chart(reduced.cost, full.cost, layer).to_json(),
+    return [overlays.to_png(picture, fast=True) for picture in pictures]
+
+
+def draw(image, reduced, full, layer: int) -> list:
+    """What a new run draws: the per-layer pictures, the token-depth map and the charts."""
+    return [
+        *draw_layer(image, reduced, layer),
+        overlays.to_png(overlays.render_token_depth(image, reduced.trace), fast=True),
+        charts.tokens_chart(reduced.cost, full.cost).to_json(),
+        charts.gmacs_chart(reduced.cost, full.cost).to_json(),
     ]
-    return [overlays.to_png(picture, fast=True) for picture in pictures] + figures
 
 
 def filmstrip(image, trace) -> list:
@@ -121,7 +126,7 @@ def pieces(repeat: int) -> None:
             t3 = time.perf_counter()
             filmstrip(image, reduced.trace)
             t4 = time.perf_counter()
-            draw(image, reduced, full, last // 2)
+            draw_layer(image, reduced, last // 2)
             t5 = time.perf_counter()
             for key, value in zip(
                 times, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4), strict=True

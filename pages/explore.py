@@ -62,6 +62,7 @@ class View:
     crop: CropInfo
     reduced: TimedRun
     full: TimedRun
+    key: tuple[str, ...]  # (model, image, schedule): names the run for caches
 
 
 # --------------------------------------------------------------------------- schedule inputs
@@ -216,6 +217,14 @@ def _picture(view: View, draw: Callable[[np.ndarray], np.ndarray]) -> None:
     st.image(overlays.to_png(draw(view.image), fast=True), output_format="PNG", width="stretch")
 
 
+@st.cache_data(show_spinner=False, max_entries=16)
+def _token_depth_png(run_key: tuple[str, ...], _view: View) -> bytes:
+    """The token-depth map does not depend on the layer: drawn once per run."""
+    return overlays.to_png(
+        overlays.render_token_depth(_view.image, _view.reduced.result.trace), fast=True
+    )
+
+
 def _full_resolution_png(view: View, draw: Callable[[np.ndarray], np.ndarray]) -> bytes:
     """The picture drawn again on the model's crop at the original's resolution."""
     grid = view.reduced.result.trace.grid
@@ -305,7 +314,7 @@ def layer_views(view: View) -> None:
     left, right = st.columns(2)
     with left:
         st.markdown("**Token depth**: the layer where each patch was merged or dropped")
-        _picture(view, draw_depth)
+        st.image(_token_depth_png(view.key, view), output_format="PNG", width="stretch")
         _png_button("Token depth PNG", view, draw_depth, "token_depth.png")
     with right:
         st.markdown(f"**Importance scores used at layer {layer}**")
@@ -418,6 +427,7 @@ def explore_page() -> None:
         crop=crop,
         reduced=reduced,
         full=full,
+        key=(*key, choice.key, reduced.result.schedule.to_json()),
     )
     layer_views(view)
     cost_charts(view)

@@ -173,8 +173,15 @@ def _parse_part(raw: str) -> SchedulePart:
     body, _, layer_text = raw.partition("@")
     method_text, _, param_text = body.partition(":")
     cls = reducer_class(method_text)
+    params = parse_params(cls, param_text)
+    layers = _parse_layers(layer_text, raw) if "@" in raw else None
+    return SchedulePart(method=cls.name, params=params, layers=layers)
+
+
+def parse_params(cls: type[Reducer], text: str, separators: str = ",") -> dict[str, Any]:
+    """The explicitly given parameters in ``key=value,...`` text, coerced and range-checked."""
     params: dict[str, Any] = {}
-    for item in _split_outside_brackets(param_text):
+    for item in _split_outside_brackets(text or "", separators):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ScheduleError(f"{cls.name}: expected key=value, got '{item}'")
@@ -187,18 +194,17 @@ def _parse_part(raw: str) -> SchedulePart:
             params[spec.name] = spec.coerce(cls.name, items)
         else:
             params[spec.name] = spec.coerce(cls.name, value)
-    layers = _parse_layers(layer_text, raw) if "@" in raw else None
-    return SchedulePart(method=cls.name, params=params, layers=layers)
+    return params
 
 
-def _split_outside_brackets(text: str) -> list[str]:
+def _split_outside_brackets(text: str, separators: str = ",") -> list[str]:
     items, depth, current = [], 0, ""
     for char in text:
         if char == "[":
             depth += 1
         elif char == "]":
             depth -= 1
-        if char == "," and depth == 0:
+        if char in separators and depth == 0:
             items.append(current)
             current = ""
         else:

@@ -14,6 +14,7 @@ from typing import Any
 from analysis.errors import ScheduleError
 from analysis.reducers import REDUCERS, Reducer, Site, reducer_class
 from analysis.schedule import Schedule, SchedulePart, parse_schedule
+from analysis.schedule import parse_params as parse_schedule_params
 
 NO_METHOD = "—"
 LAYER_COLUMN = "layer"
@@ -66,21 +67,7 @@ def format_params(values: dict[str, Any]) -> str:
 
 def parse_params(cls: type[Reducer], text: str) -> dict[str, Any]:
     """The explicitly given parameters of a cell like ``keep=0.7, fuse=true``, coerced."""
-    params: dict[str, Any] = {}
-    for item in _split_outside_brackets(text or ""):
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise ScheduleError(f"{cls.name}: expected key=value, got '{item}'")
-        spec = cls.param(key.strip())
-        value = value.strip()
-        if value.startswith("[") and value.endswith("]"):
-            if not spec.allows_list:
-                raise ScheduleError(f"{cls.name}: parameter '{spec.name}' does not take a list")
-            raw: Any = [v for v in value[1:-1].split(",") if v.strip()]
-        else:
-            raw = value
-        params[spec.name] = spec.coerce(cls.name, raw)
-    return params
+    return parse_schedule_params(cls, text, separators=",;")
 
 
 def schedule_to_rows(schedule: Schedule, depth: int) -> list[dict[str, Any]]:
@@ -264,22 +251,6 @@ def method_help() -> list[dict[str, str]]:
                 }
             )
     return rows
-
-
-def _split_outside_brackets(text: str) -> list[str]:
-    items, depth, current = [], 0, ""
-    for char in text:
-        if char == "[":
-            depth += 1
-        elif char == "]":
-            depth -= 1
-        if char in ",;" and depth == 0:
-            items.append(current)
-            current = ""
-        else:
-            current += char
-    items.append(current)
-    return [item.strip() for item in items if item.strip()]
 
 
 def _format_value(value: Any) -> str:

@@ -89,11 +89,9 @@ def draw(image, reduced, full, layer: int) -> list:
 
 
 def filmstrip(image, trace) -> list:
-    small = overlays.thumbnail(image, 8 * max(trace.grid))
+    small = overlays.thumbnail(image, 16 * max(trace.grid))
     return [
-        overlays.to_png(
-            overlays.render_segments(small, trace, layer, mode="tint", thickness=1), fast=True
-        )
+        overlays.to_png(overlays.render_segments(small, trace, layer, thickness=1), fast=True)
         for layer in range(len(trace.layers))
     ]
 

@@ -336,16 +336,16 @@ def cost_charts(view: View) -> None:
 
 def filmstrip(view: View) -> None:
     trace = view.reduced.result.trace
-    small = overlays.thumbnail(view.image, 8 * max(trace.grid))
+    small = overlays.thumbnail(view.image, 16 * max(trace.grid))
     pictures = [
-        overlays.render_segments(small, trace, layer, mode="tint", thickness=1)
+        overlays.render_segments(small, trace, layer, thickness=1)
         for layer in range(len(trace.layers))
     ]
     captions = [f"{i}: {record.tokens} tokens" for i, record in enumerate(trace.layers)]
     st.image(
         [overlays.to_png(p, fast=True) for p in pictures],
         caption=captions,
-        width=112,
+        width=150,
         output_format="PNG",
     )
 

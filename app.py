@@ -16,8 +16,8 @@ import streamlit as st
 st.set_page_config(page_title="TokenScope", page_icon=":material/grid_view:", layout="wide")
 
 pages = [
-    st.Page("pages/explore.py", title="Explore", icon=":material/layers:", default=True),
-    st.Page("pages/compare.py", title="Compare", icon=":material/compare:"),
+    st.Page("app_pages/explore.py", title="Explore", icon=":material/layers:", default=True),
+    st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
     # Trade-off and Figures join here as their pages are built.
 ]
 st.navigation(pages).run()

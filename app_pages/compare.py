@@ -1,7 +1,7 @@
 """Compare: two to four schedules side by side on one image, optionally at matched cost,
 with the agreement metrics of Haurum et al. and grids over several images.
 
-Layout only. Models, images and single-image runs come from ``pages.common`` (shared with
+Layout only. Models, images and single-image runs come from ``app_pages.common`` (shared with
 Explore, so a choice made there carries over); matched cost from
 ``analysis.solver.match_cost``; agreement from ``analysis.agreement``; pictures, grids,
 charts and the table from ``viz.compare``. Everything that depends on the shared layer
@@ -29,7 +29,7 @@ from analysis.images import CropInfo, fit_to_input
 from analysis.reducers import REDUCERS
 from analysis.schedule import parse_schedule
 from analysis.solver import DEFAULT_TOLERANCE_PERCENT, MatchedSchedule, full_gmacs, match_cost
-from pages.common import (
+from app_pages.common import (
     SAMPLES,
     ImageChoice,
     ModelKey,

@@ -19,7 +19,7 @@ from PIL import Image
 from analysis import LoadedModel, Schedule, ScheduleError, TokenScopeError, parse_schedule
 from analysis.images import CropInfo
 from analysis.reducers import REDUCERS
-from pages.common import (
+from app_pages.common import (
     ImageChoice,
     ModelKey,
     TimedRun,

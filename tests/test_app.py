@@ -220,7 +220,7 @@ def test_device_choice_is_reported(tokenscope_cache):
 
 
 def test_run_errors_are_shown_not_raised(tokenscope_cache, monkeypatch):
-    import pages.common
+    import app_pages.common
     from analysis import TokenScopeError
 
     at = start()
@@ -228,7 +228,7 @@ def test_run_errors_are_shown_not_raised(tokenscope_cache, monkeypatch):
     def out_of_memory(*args, **kwargs):
         raise TokenScopeError("the GPU ran out of memory on a batch of 1 at 224 px")
 
-    monkeypatch.setattr(pages.common, "run", out_of_memory)
+    monkeypatch.setattr(app_pages.common, "run", out_of_memory)
     at.text_area(key="schedule_text").input("tome:r=3@1").run()  # not cached yet
     assert not at.exception
     assert any("ran out of memory" in str(e.value) for e in at.error)

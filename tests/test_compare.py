@@ -204,7 +204,7 @@ def open_compare(**state) -> AppTest:
     at.session_state["compare_set"] = ["chelsea (cat)"]
     for key, value in state.items():
         at.session_state[key] = value
-    at.switch_page("pages/compare.py").run()
+    at.switch_page("app_pages/compare.py").run()
     assert not at.exception, [e.value for e in at.exception]
     return at
 
@@ -362,7 +362,7 @@ def test_explore_schedule_carries_over():
     at.session_state["compare_set"] = ["chelsea (cat)"]
     at.run()
     at.text_area(key="schedule_text").input("topk:keep=0.5@3,6,9").run()
-    at.switch_page("pages/compare.py").run()
+    at.switch_page("app_pages/compare.py").run()
     assert not at.exception, [e.value for e in at.exception]
     assert at.text_input(key="compare_schedule_0").value == "topk:keep=0.5@3,6,9"
 

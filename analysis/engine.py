@@ -76,7 +76,7 @@ def run(
         raise TokenScopeError(f"square inputs only, got {height}×{width} px")
     facts = model_facts(module, model.name, height)
     resolved = schedule.resolve(facts)
-    _attach_weights(resolved, model)
+    attach_weights(resolved, model)
     cost = count_macs(facts, resolved, module)
     device = model.device
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16")
@@ -96,8 +96,11 @@ def run(
     )
 
 
-def _attach_weights(resolved: ResolvedSchedule, model: LoadedModel) -> None:
-    """Give learned reducers their weights from the model's loaded checkpoints."""
+def attach_weights(resolved: ResolvedSchedule, model: LoadedModel) -> None:
+    """Give learned reducers their weights from the model's loaded checkpoints.
+
+    Raises ScheduleError when a learned method has no trained weights for this model, so
+    callers (the app) can check a schedule without running it."""
     for layer, reducer in resolved.reducers():
         bind = getattr(reducer, "bind", None)
         wants = getattr(reducer, "wants_weights", None)
@@ -280,4 +283,6 @@ class _Aside:
         return x, size
 
 
-__all__ = ["RunResult", "Site", "run"]
+_attach_weights = attach_weights  # the older private name
+
+__all__ = ["RunResult", "Site", "attach_weights", "run"]

@@ -30,6 +30,7 @@ from analysis import (
     parse_schedule,
     run,
 )
+from analysis.engine import attach_weights
 from analysis.images import CropInfo, fit_to_input, load_image
 from viz.overlays import display_image, render_crop_box, to_png
 from viz.schedule_table import presets
@@ -275,17 +276,9 @@ def check_schedule(text: str, model: LoadedModel) -> Schedule:
     """Parse and fully check a schedule against the model, including that learned methods
     have their weights (the check ``run`` makes); raises ScheduleError."""
     schedule = parse_schedule(text, depth=model.facts.depth)
-    resolved = schedule.resolve(model.facts)
-    _check_weights(resolved, model)
+    # The engine's own check, so the app never disagrees with run().
+    attach_weights(schedule.resolve(model.facts), model)
     return schedule
-
-
-def _check_weights(resolved, model: LoadedModel) -> None:
-    try:  # the engine's own check, so the app never disagrees with run()
-        from analysis.engine import _attach_weights
-    except ImportError:  # renamed in the core: run() still reports it
-        return
-    _attach_weights(resolved, model)
 
 
 def usable_presets(model: LoadedModel) -> dict[str, str]:

@@ -94,6 +94,7 @@ class TrainConfig:
     ib_start: float = 0.3  # fraction of the steps before the IB term starts (LTM, labels)
     ib_clusters: int = 1000
     checkpoint_every: int = 50
+    workers: int = 0  # batch-preparing processes (0: in this process)
     resume: bool = False
     init: Path | None = None
     stop_after: int | None = None  # stop (resumably) after this many steps in this call
@@ -424,10 +425,10 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
     )
     refresh_every = max(1, len(images) // config.batch_size)
     ema = losses[-1] if losses else None
-    for step in range(start, config.steps):
+    batches = _batches(images, transform, config, start)
+    for step, (batch, labels) in zip(range(start, config.steps), batches, strict=False):
         plan = resolved[step % len(resolved)]
         _attach_weights(plan, student)
-        batch, labels = sample_batch(images, transform, step, config.batch_size, config.seed)
         batch = batch.to(device)
         labels = None if labels is None else labels.to(device)
         with torch.no_grad(), autocast:
@@ -523,6 +524,30 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         command=config.command,
     )
     return result
+
+
+class _StepBatches(torch.utils.data.Dataset):
+    """Item k is the batch of step ``start + k`` (so workers can prepare them ahead)."""
+
+    def __init__(self, images: ImageSet, transform: Callable, config: TrainConfig, start: int):
+        self.images, self.transform, self.config, self.start = images, transform, config, start
+
+    def __len__(self) -> int:
+        return max(0, self.config.steps - self.start)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor | None]:
+        config = self.config
+        step = self.start + index
+        return sample_batch(self.images, self.transform, step, config.batch_size, config.seed)
+
+
+def _batches(images: ImageSet, transform: Callable, config: TrainConfig, start: int):
+    dataset = _StepBatches(images, transform, config, start)
+    if config.workers <= 0:
+        return (dataset[k] for k in range(len(dataset)))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, shuffle=False, num_workers=config.workers, prefetch_factor=2
+    )
 
 
 def _load_into(target: LearnedWeights, source: LearnedWeights) -> None:
@@ -686,6 +711,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--ib-weight", type=float, default=0.1, help="LTM's IB term weight")
     parser.add_argument("--ib-clusters", type=int, default=1000)
+    parser.add_argument(
+        "--workers", type=int, default=0, help="processes preparing batches (0: none)"
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -735,6 +763,7 @@ def _train_from_args(args: argparse.Namespace, argv: list[str]) -> int:
         resume=args.resume,
         init=args.init,
         stop_after=args.stop_after,
+        workers=args.workers,
         progress=not args.quiet,
         command="python -m analysis train " + shlex.join(argv),
     )

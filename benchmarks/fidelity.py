@@ -53,7 +53,7 @@ METHODS: dict[str, tuple[str, list[str]]] = {
     ),
     "cropr": (
         "cropr-default.safetensors",
-        ["cropr:rate=8@0-9", "cropr:rate=16@0-9", "cropr:rate=24@0-9"],
+        ["cropr:rate=8@0-10", "cropr:rate=16@0-10", "cropr:rate=24@0-10"],
     ),
     "ltm": ("ltm-default.safetensors", ["ltm:keep=0.95", "ltm:keep=0.9", "ltm:keep=0.85"]),
     "mstm": (

@@ -225,3 +225,28 @@ def test_ltm_scores_feed_the_heatmap():
     result = run(model, torch.randn(1, 3, 64, 64), "ltm:keep=0.5@1")
     assert result.tokens[1] == 1 + 8
     assert result.trace.layers[1].scores is not None
+
+
+SHIPPED = {
+    "dtem": "dtem:r=16",
+    "patchmerger": "patchmerger:tokens=8@5",
+    "cropr": "cropr:rate=16@0-9",
+    "ltm": "ltm:keep=0.9",
+    "mstm": "mstm:keep=0.5,ms=1@3,6,9",
+}
+
+
+@pytest.mark.parametrize("method", SHIPPED)
+def test_shipped_weights_work_on_the_default_model(method, default_model):
+    from analysis.learned import ASSETS_DIR, read_metadata
+
+    path = ASSETS_DIR / f"{method}-default.safetensors"
+    if not path.exists():
+        pytest.skip(f"{path.name} is not shipped yet")
+    metadata = read_metadata(path)
+    assert metadata["backbone"] == "default"
+    assert metadata["command"].startswith("python -m analysis train")
+    assert path.stat().st_size < 2_000_000
+    assert method in default_model.learned
+    result = run(default_model, torch.randn(1, 3, 224, 224), SHIPPED[method])
+    check_trace(result, default_model)

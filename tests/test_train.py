@@ -237,3 +237,11 @@ def test_official_dtem_checkpoint_is_converted(tmp_path):
         other.module.blocks[0].attn.qkv.weight.add_(1.0)
     with pytest.raises(CheckpointMismatchError, match="trained on another backbone"):
         load_learned(path, other)
+
+
+def test_worker_processes_prepare_the_same_batches(images, tmp_path):
+    inline = train(backbone(), config("dtem:r=2", tmp_path / "a.safetensors", images, steps=3))
+    workers = train(
+        backbone(), config("dtem:r=2", tmp_path / "b.safetensors", images, steps=3, workers=2)
+    )
+    assert inline.losses == workers.losses

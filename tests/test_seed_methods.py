@@ -241,8 +241,7 @@ def test_shipped_weights_work_on_the_default_model(method, default_model):
     from analysis.learned import ASSETS_DIR, read_metadata
 
     path = ASSETS_DIR / f"{method}-default.safetensors"
-    if not path.exists():
-        pytest.skip(f"{path.name} is not shipped yet")
+    assert path.exists(), f"{path.name} must be shipped in assets/"
     metadata = read_metadata(path)
     assert metadata["backbone"] == "default"
     assert metadata["command"].startswith("python -m analysis train")

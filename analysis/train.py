@@ -31,6 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from analysis.errors import TokenScopeError
+from analysis.holdout import AUTO, Validation, mix_batch, relative, snapshot, split_images
 from analysis.learned import (
     LearnedReducer,
     TrainContext,
@@ -95,6 +96,11 @@ class TrainConfig:
     ib_clusters: int = 1000
     checkpoint_every: int = 50
     workers: int = 0  # batch-preparing processes (0: in this process)
+    balance: bool = True  # several schedules: divide each one's loss by its running mean
+    val: int = AUTO  # images held out for validation (AUTO: a quarter, none below 8 images)
+    val_views: int = 4  # views per held-out image: the eval crop and seeded random ones
+    val_every: int = 0  # steps between validations (0: about twelve per run)
+    mix: float | None = None  # CutMix/Mixup probability (None: 0.5 distilling, 0 with labels)
     resume: bool = False
     init: Path | None = None
     stop_after: int | None = None  # stop (resumably) after this many steps in this call
@@ -244,13 +250,19 @@ def make_transform(model: LoadedModel, augment: bool) -> Callable[[Image.Image],
 
 
 def sample_batch(
-    images: ImageSet, transform: Callable, step: int, batch_size: int, seed: int
+    images: ImageSet,
+    transform: Callable,
+    step: int,
+    batch_size: int,
+    seed: int,
+    mix: float = 0.0,
 ) -> tuple[Tensor, Tensor | None]:
     """The batch of ``step``: a pure function of (seed, step), so resuming is exact."""
     generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
     index = torch.randint(len(images), (batch_size,), generator=generator).tolist()
     torch.manual_seed(seed * 1_000_003 + step)  # torchvision's transforms draw from here
     batch = torch.stack([transform(images.loaders[i]()) for i in index])
+    batch = mix_batch(batch, np.random.default_rng([seed, step]), mix)
     labels = None
     if images.labels is not None:
         labels = torch.tensor([images.labels[i] for i in index])
@@ -365,8 +377,9 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
     method = learned_method(model, config.schedules)
     facts = model.facts
     device = model.device
-    images = load_images(config.data, config.labels)
+    images, held = split_images(load_images(config.data, config.labels), config.val)
     labelled = images.labels is not None
+    mix_probability(config, labelled)  # refuse --mix with labels before any work
     if labelled and model.is_classifier and images.num_classes > facts.num_classes:
         raise TokenScopeError(
             f"the data has class index {images.num_classes - 1}, but {model.name} has "
@@ -409,10 +422,41 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
     if method == "ltm" and labelled and config.ib_weight > 0:
         ib = _init_ib(images, model, config)
 
+    validation = None
+    if held is not None:
+        validation = Validation.build(
+            model, held, transform, config.val_views, config.seed, config.batch_size
+        )
+    val_every = config.val_every or max(1, config.steps // 12)
+    best: dict[str, Any] = {}  # step, score, losses and modules of the best validated step
+
+    def validate(step: int) -> None:
+        assert validation is not None
+        for plan in resolved:
+            _attach_weights(plan, student)
+        losses_now = validation.losses(student, module, resolved, config.batch_size)
+        validation.history.append((step, losses_now))
+        untrained = validation.history[0][1]
+        score = relative(losses_now, untrained)
+        if not best or score < best["score"]:
+            best.update(step=step, score=score, losses=losses_now)
+            best["modules"] = snapshot(trained.modules)
+        bar.write(
+            f"step {step}: validation loss "
+            + ", ".join(f"{v:.5f}" for v in losses_now)
+            + f" ({score:.3f} of untrained; best step {best['step']})"
+        )
+
     start, losses = 0, []
+    balance: list[float | None] = [None] * len(resolved)  # running loss of each schedule
     checkpoint = resume_path(config.out)
     if config.resume and checkpoint.exists():
-        start, losses = _restore(checkpoint, config, trained, optimizer, scheduler, scaler, module)
+        start, losses, balance, validated = _restore(
+            checkpoint, config, trained, optimizer, scheduler, scaler, module
+        )
+        if validation is not None and validated:
+            validation.history = [(at, list(values)) for at, values in validated["history"]]
+            best.update(validated["best"])
         if ib is not None and start >= int(config.ib_start * config.steps):
             _refresh_ib(ib, images, student, resolved[0], config, device)
     elif config.resume:
@@ -426,6 +470,8 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
     refresh_every = max(1, len(images) // config.batch_size)
     ema = losses[-1] if losses else None
     batches = _batches(images, transform, config, start)
+    if validation is not None and start == 0:
+        validate(0)
     for step, (batch, labels) in zip(range(start, config.steps), batches, strict=False):
         plan = resolved[step % len(resolved)]
         _attach_weights(plan, student)
@@ -455,6 +501,13 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         total = sum(term for term in terms if term.requires_grad)
         if not isinstance(total, Tensor):
             raise TokenScopeError(f"{method}: no loss term reaches a trainable parameter")
+        if config.balance and len(resolved) > 1:  # every schedule (strength) counts equally
+            which = step % len(resolved)
+            now = float(total.detach())
+            previous = balance[which]
+            balance[which] = now if previous is None else 0.9 * previous + 0.1 * now
+            known = [value for value in balance if value is not None]
+            total = total * (sum(known) / len(known)) / max(balance[which], 1e-12)
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(total).backward()
@@ -477,16 +530,40 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         bar.update(1)
         bar.set_postfix(loss=f"{ema:.4f}")
         done = step + 1
+        if validation is not None and (done % val_every == 0 or done == config.steps):
+            validate(done)
         stopping = config.stop_after is not None and done - start >= config.stop_after
         periodic = config.checkpoint_every and done % config.checkpoint_every == 0
         if stopping or periodic or (config.checkpoint_every and done == config.steps):
             _save_resume(
-                checkpoint, config, done, losses, trained, optimizer, scheduler, scaler, module
+                checkpoint,
+                config,
+                done,
+                (losses, balance, _validation_state(validation, best)),
+                trained,
+                optimizer,
+                scheduler,
+                scaler,
+                module,
             )
         if stopping:
             break
     bar.close()
 
+    validated: dict[str, str] = {}
+    if validation is not None and best:
+        for layer, state in best["modules"].items():
+            trained.modules[layer].load_state_dict(state)
+        finished = len(validation.history) and validation.history[-1][0] == config.steps
+        validated = {
+            "val_images": str(validation.num_images),
+            "val_views": str(config.val_views),
+            "val_every": str(val_every),
+            "val_loss_untrained": _joined(validation.history[0][1]),
+            "val_loss_kept": _joined(best["losses"]),
+            "val_loss_last": _joined(validation.history[-1][1]) if finished else "",
+            "kept_step": str(best["step"]),
+        }
     result = TrainResult(
         path=config.out,
         method=method,
@@ -518,6 +595,9 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         lr=str(lr),
         seed=str(config.seed),
         backbone_frozen="no" if config.unfreeze else "yes",
+        balanced="yes" if config.balance and len(config.schedules) > 1 else "no",
+        mix=str(mix_probability(config, labelled)),
+        **validated,
         backbone_weights=str(backbone_path) if backbone_path else model.weights,
         seconds=f"{result.seconds:.0f}",
         device=str(device),
@@ -538,7 +618,16 @@ class _StepBatches(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor | None]:
         config = self.config
         step = self.start + index
-        return sample_batch(self.images, self.transform, step, config.batch_size, config.seed)
+        mix = mix_probability(config, self.images.labels is not None)
+        return sample_batch(self.images, self.transform, step, config.batch_size, config.seed, mix)
+
+
+def mix_probability(config: TrainConfig, labelled: bool) -> float:
+    if config.mix is None:
+        return 0.0 if labelled else 0.5
+    if config.mix > 0 and labelled:
+        raise TokenScopeError("--mix needs distillation (no labels): use --labels off")
+    return config.mix
 
 
 def _batches(images: ImageSet, transform: Callable, config: TrainConfig, start: int):
@@ -548,6 +637,16 @@ def _batches(images: ImageSet, transform: Callable, config: TrainConfig, start: 
     return torch.utils.data.DataLoader(
         dataset, batch_size=None, shuffle=False, num_workers=config.workers, prefetch_factor=2
     )
+
+
+def _joined(values: list[float]) -> str:
+    return " | ".join(f"{value:.6g}" for value in values)
+
+
+def _validation_state(validation: Validation | None, best: dict[str, Any]) -> dict[str, Any]:
+    if validation is None:
+        return {}
+    return {"history": validation.history, "best": best}
 
 
 def _load_into(target: LearnedWeights, source: LearnedWeights) -> None:
@@ -560,7 +659,7 @@ def _save_resume(
     path: Path,
     config: TrainConfig,
     step: int,
-    losses: list[float],
+    history: tuple[list[float], list[float | None], dict[str, Any]],
     trained: LearnedWeights,
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
@@ -569,7 +668,9 @@ def _save_resume(
 ) -> None:
     state = {
         "step": step,
-        "losses": losses,
+        "losses": history[0],
+        "balance": history[1],
+        "validation": history[2],
         "schedules": list(config.schedules),
         "modules": {layer: m.state_dict() for layer, m in trained.modules.items()},
         "optimizer": optimizer.state_dict(),
@@ -591,7 +692,7 @@ def _restore(
     scheduler: Any,
     scaler: Any,
     module: nn.Module,
-) -> tuple[int, list[float]]:
+) -> tuple[int, list[float], list[float | None], dict[str, Any]]:
     state = torch.load(path, map_location="cpu", weights_only=True)
     if state["schedules"] != list(config.schedules):
         raise TokenScopeError(
@@ -606,7 +707,8 @@ def _restore(
         scaler.load_state_dict(state["scaler"])
     if config.unfreeze and state["backbone"] is not None:
         module.load_state_dict(state["backbone"])
-    return int(state["step"]), list(state["losses"])
+    balance = list(state.get("balance") or [None] * len(config.schedules))
+    return int(state["step"]), list(state["losses"]), balance, state.get("validation") or {}
 
 
 def _init_ib(images: ImageSet, model: LoadedModel, config: TrainConfig) -> IBState:
@@ -714,6 +816,28 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--workers", type=int, default=0, help="processes preparing batches (0: none)"
     )
+    parser.add_argument(
+        "--no-balance",
+        action="store_true",
+        help="with several schedules, do not divide each one's loss by its running mean",
+    )
+    parser.add_argument(
+        "--val",
+        type=int,
+        default=AUTO,
+        help="images held out of training; the step with the lowest validation loss (step 0 "
+        "included) is saved (default: a quarter of the images, at most 256, none below 8)",
+    )
+    parser.add_argument("--val-views", type=int, default=4, help="views per held-out image")
+    parser.add_argument(
+        "--val-every", type=int, default=0, help="steps between validations (0: steps/12)"
+    )
+    parser.add_argument(
+        "--mix",
+        type=float,
+        default=None,
+        help="probability of CutMix/Mixup per batch (default: 0.5 without labels, 0 with)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
@@ -764,6 +888,11 @@ def _train_from_args(args: argparse.Namespace, argv: list[str]) -> int:
         init=args.init,
         stop_after=args.stop_after,
         workers=args.workers,
+        balance=not args.no_balance,
+        val=args.val,
+        val_views=args.val_views,
+        val_every=args.val_every,
+        mix=args.mix,
         progress=not args.quiet,
         command="python -m analysis train " + shlex.join(argv),
     )

@@ -46,7 +46,7 @@ def backbone():
     return tiny("vit_small_patch16_224", num_classes=0)
 
 
-def config(schedule: str, out: Path, data: Path, **extra) -> TrainConfig:
+def config(schedule: str | tuple[str, ...], out: Path, data: Path, **extra) -> TrainConfig:
     settings = {
         "steps": 16,
         "batch_size": 4,
@@ -54,9 +54,12 @@ def config(schedule: str, out: Path, data: Path, **extra) -> TrainConfig:
         "augment": False,
         "progress": False,
         "checkpoint_every": 0,
+        "val": 0,  # validation and mixing have their own tests below
+        "mix": 0.0,
     }
     settings.update(extra)
-    return TrainConfig(schedules=(schedule,), out=out, data=str(data), **settings)
+    schedules = (schedule,) if isinstance(schedule, str) else schedule
+    return TrainConfig(schedules=schedules, out=out, data=str(data), **settings)
 
 
 @pytest.mark.parametrize("method", SCHEDULES)
@@ -127,14 +130,13 @@ def test_a_file_for_another_backbone_is_refused(images, tmp_path):
 
 
 def test_resume_continues_exactly(images, tmp_path):
-    straight = train(
-        backbone(), config("ltm:keep=0.7", tmp_path / "a.safetensors", images, steps=8)
-    )
+    two = ("ltm:keep=0.7", "ltm:keep=0.5")  # the per-schedule loss balance is resumed too
+    straight = train(backbone(), config(two, tmp_path / "a.safetensors", images, steps=8))
     out = tmp_path / "b.safetensors"
-    stopped = train(backbone(), config("ltm:keep=0.7", out, images, steps=8, stop_after=4))
-    assert stopped.steps == 4 and read_metadata(out)["planned_steps"] == "8"
+    stopped = train(backbone(), config(two, out, images, steps=8, stop_after=5))
+    assert stopped.steps == 5 and read_metadata(out)["planned_steps"] == "8"
     assert out.with_name(out.name + ".resume.pt").exists()
-    resumed = train(backbone(), config("ltm:keep=0.7", out, images, steps=8, resume=True))
+    resumed = train(backbone(), config(two, out, images, steps=8, resume=True))
     assert resumed.losses == straight.losses
     other = config("dtem:r=2", out, images, steps=8, resume=True)
     with pytest.raises(TokenScopeError, match="written for the schedules"):
@@ -245,3 +247,72 @@ def test_worker_processes_prepare_the_same_batches(images, tmp_path):
         backbone(), config("dtem:r=2", tmp_path / "b.safetensors", images, steps=3, workers=2)
     )
     assert inline.losses == workers.losses
+
+
+def test_held_out_images_are_spread_evenly_and_never_trained_on():
+    from analysis.holdout import split_images
+    from analysis.train import ImageSet
+
+    images = ImageSet(loaders=[(lambda i=i: i) for i in range(21)], labels=None, description="x")
+    kept, held = split_images(images, -1)  # auto: a quarter
+    assert held is not None and len(held) == 5 and len(kept) == 16
+    held_ids = [load() for load in held.loaders]
+    assert held_ids == [0, 5, 10, 15, 20]
+    assert not set(held_ids) & {load() for load in kept.loaders}
+    assert split_images(ImageSet(images.loaders[:7], None, "few"), -1)[1] is None
+    with pytest.raises(TokenScopeError, match="hold out all"):
+        split_images(images, 21)
+
+
+def test_mixing_is_deterministic_and_needs_distillation(images, tmp_path):
+    from analysis.train import load_images, make_transform, sample_batch
+
+    model = backbone()
+    data = load_images(str(images))
+    transform = make_transform(model, augment=False)
+    plain = sample_batch(data, transform, 3, 4, 0)[0]
+    mixed = [sample_batch(data, transform, step, 4, 0, mix=1.0)[0] for step in (3, 3)]
+    assert torch.equal(mixed[0], mixed[1])
+    assert not torch.equal(plain, mixed[0])
+    low, high = torch.minimum(plain, plain.roll(1, 0)), torch.maximum(plain, plain.roll(1, 0))
+    assert (mixed[0] >= low - 1e-6).all() and (mixed[0] <= high + 1e-6).all()
+    labelled = write_images(tmp_path / "labelled", 4, classes=2)
+    with pytest.raises(TokenScopeError, match="--mix needs distillation"):
+        train(backbone(), config("ltm:keep=0.7", tmp_path / "m.safetensors", labelled, mix=0.5))
+
+
+def test_validation_keeps_the_best_step_and_reports_it(tmp_path):
+    """The saved file is the validated step with the lowest loss; its loss is recomputed here
+    from the held-out images with the inference path, independently of the trainer."""
+    from analysis.images import load_image, to_tensor
+
+    folder = write_images(tmp_path / "ten", 10)
+    schedules = ("ltm:keep=0.7", "ltm:keep=0.5")
+    settings = {"steps": 12, "val": 2, "val_views": 1, "val_every": 3, "lr": 3e-3}
+    out = tmp_path / "v.safetensors"
+    train(backbone(), config(schedules, out, folder, **settings))
+    metadata = read_metadata(out)
+    assert metadata["val_images"] == "2" and metadata["val_views"] == "1"
+    kept_step = int(metadata["kept_step"])
+    assert kept_step in {0, 3, 6, 9, 12}
+    untrained = [float(v) for v in metadata["val_loss_untrained"].split(" | ")]
+    kept = [float(v) for v in metadata["val_loss_kept"].split(" | ")]
+    assert np.mean(np.divide(kept, untrained)) <= 1.0
+
+    model = backbone()
+    paths = sorted(folder.glob("*.png"))
+    held = [paths[0], paths[9]]  # evenly spread: the first and the last
+    batch = to_tensor([load_image(p) for p in held], model.data_config)[0]
+    full = run(model, batch).features
+    loaded = with_learned(model, out)
+    for schedule, expected in zip(schedules, kept, strict=True):
+        reduced = run(loaded, batch, schedule).features
+        loss = 1 - torch.nn.functional.cosine_similarity(reduced, full).mean().item()
+        assert loss == pytest.approx(expected, rel=1e-3, abs=1e-6)
+
+    resumed_out = tmp_path / "r.safetensors"
+    train(backbone(), config(schedules, resumed_out, folder, stop_after=7, **settings))
+    train(backbone(), config(schedules, resumed_out, folder, resume=True, **settings))
+    again = read_metadata(resumed_out)
+    for key in ("kept_step", "val_loss_untrained", "val_loss_kept", "val_loss_last"):
+        assert again[key] == metadata[key]

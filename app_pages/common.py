@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,8 @@ from analysis import (
 )
 from analysis.engine import attach_weights
 from analysis.images import CropInfo, fit_to_input, load_image
+from analysis.learned import attach, load_learned
+from analysis.reducers.base import LearnedWeights
 from viz.overlays import display_image, render_crop_box, to_png
 from viz.schedule_table import presets
 
@@ -69,11 +72,18 @@ class ModelKey:
     name: str
     weights: str
     device: str
+    learned: str = ""  # digests of uploaded learned-reducer files, if any
 
     def describe(self) -> str:
         name = "DINOv2 ViT-S/14 (embedded default)" if self.name == "default" else self.name
         weights = "" if self.weights == "default" else f", {self.weights} weights"
-        return f"{name}{weights}"
+        learned = ", uploaded reducer weights" if self.learned else ""
+        return f"{name}{weights}{learned}"
+
+    def cache_key(self) -> tuple[str, str, str]:
+        """What cached runs are keyed by: uploaded reducer weights change the results."""
+        weights = f"{self.weights}+learned:{self.learned}" if self.learned else self.weights
+        return (self.name, weights, self.device)
 
 
 @dataclass(frozen=True)
@@ -173,9 +183,11 @@ def model_sidebar() -> tuple[LoadedModel, ModelKey]:
     failures = st.session_state.setdefault("model_failures", {})
     if key not in failures:  # a failed load (e.g. offline hub) is not retried on every rerun
         try:
-            return cached_model(key.name, key.weights, key.device), key
+            model = cached_model(key.name, key.weights, key.device)
         except ModelLoadError as error:
             failures[key] = str(error)
+        else:
+            return learned_sidebar(model, key)
     st.sidebar.error(f"{failures[key]}\n\nShowing the embedded default model instead.")
     if st.sidebar.button("Retry loading", key="retry_model"):
         failures.pop(key, None)
@@ -187,6 +199,45 @@ def model_sidebar() -> tuple[LoadedModel, ModelKey]:
         st.error(str(error))
         st.stop()
         raise  # unreachable: st.stop() ends the run
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def learned_upload(
+    digest: str, model_key: tuple[str, str, str], _data: bytes, _model: LoadedModel
+) -> LearnedWeights:
+    """An uploaded weights file, checked against the model it is for (read once)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "upload.safetensors"
+        path.write_bytes(_data)
+        return load_learned(path, _model)
+
+
+def learned_sidebar(model: LoadedModel, key: ModelKey) -> tuple[LoadedModel, ModelKey]:
+    """Weights from ``python -m analysis train``, added to a new model (the cached one is
+    shared and stays as it is); a file for another backbone is refused, the rest used."""
+    uploads = st.sidebar.file_uploader(
+        "Trained reducer weights (.safetensors)",
+        type=["safetensors"],
+        accept_multiple_files=True,
+        key="learned_uploads",
+        help="Files written by `python -m analysis train` for this backbone. Each one "
+        "replaces the shipped weights of its method.",
+    )
+    found, digests = [], []
+    for upload in uploads or []:
+        data = upload.getvalue()
+        digest = hashlib.sha256(data).hexdigest()[:16]
+        try:
+            weights = learned_upload(digest, key.cache_key(), data, model)
+        except ModelLoadError as error:
+            st.sidebar.error(f"Cannot use **{upload.name}**: {error}")
+            continue
+        found.append(weights)
+        digests.append(digest)
+        st.sidebar.caption(f"{upload.name}: {weights.method} weights in use.")
+    if not found:
+        return model, key
+    return attach(model, found), dataclasses.replace(key, learned=",".join(digests))
 
 
 @st.cache_resource(show_spinner=False, max_entries=len(SAMPLES))

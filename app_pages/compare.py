@@ -316,7 +316,7 @@ def unavailable_methods(model: LoadedModel, choices: dict[str, str]) -> dict[str
 
 
 def model_tuple(key: ModelKey) -> tuple[str, str, str]:
-    return (key.name, key.weights, key.device)
+    return key.cache_key()
 
 
 def run_column(
@@ -579,7 +579,12 @@ def comparison(
 
     st.subheader("Export", divider="gray")
     config = compare.ComparisonConfig(
-        model={"name": model_key.name, "weights": model_key.weights, "device": model_key.device},
+        model={
+            "name": model_key.name,
+            "weights": model_key.weights,
+            "device": model_key.device,
+            "learned": model_key.learned,
+        },
         images=[{"key": k, "label": v} for k, v in zip(images.keys, images.labels, strict=True)],
         columns=[column_config(c) for c in columns],
         layer=layer,

@@ -404,7 +404,7 @@ def explore_page() -> None:
         "One image through the ViT, layer by layer: which patches merge, which are dropped, "
         "and the scores the reducers used."
     )
-    key = (model_key.name, model_key.weights, model_key.device)
+    key = model_key.cache_key()
     try:
         full = cached_run(key, choice.key, parse_schedule("none").to_json(), model, choice.image)
         try:

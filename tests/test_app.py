@@ -232,3 +232,40 @@ def test_run_errors_are_shown_not_raised(tokenscope_cache, monkeypatch):
     at.text_area(key="schedule_text").input("tome:r=3@1").run()  # not cached yet
     assert not at.exception
     assert any("ran out of memory" in str(e.value) for e in at.error)
+
+
+def learned_file(model, path: Path, seed: int) -> bytes:
+    """A DTEM weights file for ``model`` with fresh modules (the format training writes)."""
+    from analysis.learned import backbone_id, init_weights, save_learned
+
+    weights = init_weights(model, ["dtem:r=16"], seed=seed)["dtem"]
+    save_learned(path, "dtem", weights.modules, backbone_id(model), command="test")
+    return path.read_bytes()
+
+
+def test_uploaded_reducer_weights_are_used_or_refused(tokenscope_cache, tmp_path):
+    from analysis import load_model
+    from tests.conftest import tiny
+
+    at = start()
+    at.text_area(key="schedule_text").input("dtem:r=16").run()
+    shipped = metric(at, "Feature fidelity")
+    default = load_model("default")
+    data = learned_file(default, tmp_path / "mine.safetensors", seed=123)
+    at.file_uploader(key="learned_uploads").upload("mine.safetensors", data).run()
+    assert not at.exception and not sidebar_errors(at)
+    assert "mine.safetensors: dtem weights in use." in texts(at)
+    assert metric(at, "Feature fidelity") != shipped  # other weights, another result
+
+    other = learned_file(tiny("vit_small_patch16_224"), tmp_path / "other.safetensors", seed=0)
+    at.file_uploader(key="learned_uploads").clear().upload("other.safetensors", other).run()
+    assert not at.exception
+    (message,) = sidebar_errors(at)
+    assert "other.safetensors" in message and "trained on 'vit_small_patch16_224'" in message
+    assert metric(at, "Feature fidelity") == shipped  # the shared model kept its weights
+
+    at.file_uploader(key="learned_uploads").clear().upload("junk.safetensors", b"junk").run()
+    assert not at.exception
+    (message,) = sidebar_errors(at)
+    assert "junk.safetensors" in message
+    assert metric(at, "Feature fidelity") == shipped

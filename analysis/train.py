@@ -866,35 +866,20 @@ def _train_from_args(args: argparse.Namespace, argv: list[str]) -> int:
     model = replace(model, learned={})  # train from scratch, not from the shipped files
     method = learned_method(model, tuple(args.schedule))
     out = args.out or Path("runs") / f"{method}-{model.name}.safetensors"
+    same_names = (
+        "data", "labels", "steps", "batch_size", "lr", "weight_decay", "warmup", "unfreeze",
+        "backbone_lr", "seed", "ib_weight", "ib_clusters", "checkpoint_every", "resume",
+        "init", "stop_after", "workers", "val", "val_views", "val_every", "mix",
+    )  # fmt: skip
     config = TrainConfig(
         schedules=tuple(args.schedule),
         out=out,
-        data=args.data,
-        labels=args.labels,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        weight_decay=args.weight_decay,
-        warmup=args.warmup,
-        unfreeze=args.unfreeze,
-        backbone_lr=args.backbone_lr,
         augment=not args.no_augment,
-        seed=args.seed,
         amp=not args.no_amp,
-        ib_weight=args.ib_weight,
-        ib_clusters=args.ib_clusters,
-        checkpoint_every=args.checkpoint_every,
-        resume=args.resume,
-        init=args.init,
-        stop_after=args.stop_after,
-        workers=args.workers,
         balance=not args.no_balance,
-        val=args.val,
-        val_views=args.val_views,
-        val_every=args.val_every,
-        mix=args.mix,
         progress=not args.quiet,
         command="python -m analysis train " + shlex.join(argv),
+        **{name: getattr(args, name) for name in same_names},
     )
     result = train(model, config)
     print(

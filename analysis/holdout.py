@@ -132,10 +132,9 @@ def _outputs(model: LoadedModel, module: nn.Module, views: Tensor, plan: Any, ba
 
 
 def relative(losses: list[float], untrained: list[float]) -> float:
-    """Mean over schedules of loss / untrained loss: each strength counts equally."""
-    return float(
-        np.mean([now / max(then, 1e-12) for now, then in zip(losses, untrained, strict=True)])
-    )
+    """The worst schedule's loss ÷ its untrained loss: a step counts as better only if it
+    is better at every strength (one shared module must not trade one for another)."""
+    return max(now / max(then, 1e-12) for now, then in zip(losses, untrained, strict=True))
 
 
 def mix_batch(batch: Tensor, rng: np.random.Generator, probability: float) -> Tensor:

@@ -444,7 +444,7 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         bar.write(
             f"step {step}: validation loss "
             + ", ".join(f"{v:.5f}" for v in losses_now)
-            + f" ({score:.3f} of untrained; best step {best['step']})"
+            + f" (worst {score:.3f} of untrained; best step {best['step']})"
         )
 
     start, losses = 0, []

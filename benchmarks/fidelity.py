@@ -200,12 +200,13 @@ def table(rows: list[Row], full_gmacs: float) -> str:
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
-        spread = f" ± {row.untrained_sd:.4f}" if row.untrained_sd else ""
+        spread = f" ± {row.untrained_sd:.4f}" if row.untrained_sd >= 5e-5 else ""
+        gain = "0" if abs(row.gain) < 5e-5 and row.gain_se < 5e-5 else f"{row.gain:+.4f}"
         lines.append(
             f"| {row.method} | `{row.schedule}` | {row.gmacs:.3f} | "
             f"{100 * row.gmacs / full_gmacs:.0f} | {row.untrained:.4f}{spread} | "
             f"{row.trained:.4f} | "
-            + (f"{row.gain:+.4f} ± {row.gain_se:.4f} | " if row.tome == row.tome else "– | ")
+            + (f"{gain} ± {row.gain_se:.4f} | " if row.tome == row.tome else "– | ")
             + (f"{row.tome:.4f} | {row.evit:.4f} |" if row.tome == row.tome else "– | – |")
         )
     return "\n".join(lines)

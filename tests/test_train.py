@@ -84,15 +84,18 @@ def test_short_training_lowers_the_loss_and_saves_usable_weights(method, images,
     assert torch.isfinite(result.features).all()
 
 
-@pytest.mark.parametrize("schedule", ["patchmerger:tokens=2@0", "ltm:keep=0.5"])
-def test_trained_weights_beat_untrained_ones(schedule, images, tmp_path):
+# LTM's score head starts at zero: 30 steps need a larger step to move its hard choices.
+@pytest.mark.parametrize(
+    ("schedule", "lr"), [("patchmerger:tokens=2@0", 1e-3), ("ltm:keep=0.5", 3e-3)]
+)
+def test_trained_weights_beat_untrained_ones(schedule, lr, images, tmp_path):
     """Fidelity to the full model on the training images rises with training."""
     from analysis.images import load_image, to_tensor
     from analysis.learned import attach, init_weights
 
     model = backbone()
     out = tmp_path / "weights.safetensors"
-    train(model, config(schedule, out, images, steps=30))
+    train(model, config(schedule, out, images, steps=30, lr=lr))
     paths = sorted(images.glob("*.png"))
     batch = to_tensor([load_image(p) for p in paths], model.data_config)[0]
     full = run(model, batch).features
@@ -297,7 +300,7 @@ def test_validation_keeps_the_best_step_and_reports_it(tmp_path):
     assert kept_step in {0, 3, 6, 9, 12}
     untrained = [float(v) for v in metadata["val_loss_untrained"].split(" | ")]
     kept = [float(v) for v in metadata["val_loss_kept"].split(" | ")]
-    assert np.mean(np.divide(kept, untrained)) <= 1.0
+    assert max(np.divide(kept, untrained)) <= 1.0  # no strength worse than at step 0
 
     model = backbone()
     paths = sorted(folder.glob("*.png"))

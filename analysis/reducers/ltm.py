@@ -51,7 +51,7 @@ class LTMMask(nn.Module):
         self.config = {"dim": dim}
         self.norm = nn.LayerNorm(dim)
         self.score = nn.Linear(dim, 1)
-        nn.init.trunc_normal_(self.score.weight, std=0.02)
+        nn.init.zeros_(self.score.weight)  # untrained: redundancy alone, no seed lottery
         nn.init.zeros_(self.score.bias)
         self.size_weight = nn.Parameter(torch.zeros(()))  # α: the previous mask's sizes
         self.redundancy_weight = nn.Parameter(torch.tensor(5.0))  # β: similarity to the rest

@@ -144,7 +144,7 @@ def test_upload_shows_overlays_and_charts(app_url: str, tmp_path: Path):
             main.get_by_text("Merged-token segments").wait_for(timeout=RUN_TIMEOUT_MS)
             wait_idle(page)
 
-            uploader = page.locator('[data-testid="stSidebar"] input[type="file"]')
+            uploader = page.locator('[data-testid="stSidebar"] .st-key-upload input[type="file"]')
             uploader.set_input_files(
                 files=[{"name": "photo.jpg", "mimeType": "image/jpeg", "buffer": photo()}]
             )

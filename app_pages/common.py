@@ -312,15 +312,22 @@ def cached_run(
     _image: Image.Image,
 ) -> TimedRun:
     """One forward pass with its trace, cached per (model, image, schedule)."""
+    return timed_run(_model, _image, schedule_json)
+
+
+def timed_run(
+    model: LoadedModel, images: Image.Image | list[Image.Image], schedule_json: str
+) -> TimedRun:
+    """Run and time a schedule; outputs move to the CPU so that caches hold no GPU memory."""
     start = time.perf_counter()
-    result = run(_model, _image, parse_schedule(schedule_json))
+    result = run(model, images, parse_schedule(schedule_json))
     seconds = time.perf_counter() - start
     result = dataclasses.replace(
         result,
         logits=None if result.logits is None else result.logits.cpu(),
         features=result.features.cpu(),
     )
-    return TimedRun(result, seconds, str(_model.device))
+    return TimedRun(result, seconds, str(model.device))
 
 
 def check_schedule(text: str, model: LoadedModel) -> Schedule:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +21,7 @@ import pandas as pd
 import streamlit as st
 from PIL import Image
 
-from analysis import LoadedModel, RunResult, Schedule, ScheduleError, TokenScopeError, run
+from analysis import LoadedModel, RunResult, Schedule, ScheduleError, TokenScopeError
 from analysis.agreement import METRICS, agreement_matrix, agreement_over_layers
 from analysis.flops import count_macs
 from analysis.images import CropInfo, fit_to_input
@@ -42,6 +41,7 @@ from app_pages.common import (
     keep_widget_state,
     model_sidebar,
     sample_image,
+    timed_run,
     usable_presets,
 )
 from viz import compare, overlays, summary
@@ -366,15 +366,7 @@ def cached_batch_run(
     _images: tuple[Image.Image, ...],
 ) -> TimedRun:
     """One batched forward pass over the image set, cached per (model, images, schedule)."""
-    start = time.perf_counter()
-    result = run(_model, list(_images), parse_schedule(schedule_json))
-    seconds = time.perf_counter() - start
-    result = dataclasses.replace(
-        result,
-        logits=None if result.logits is None else result.logits.cpu(),
-        features=result.features.cpu(),
-    )
-    return TimedRun(result, seconds, str(_model.device))
+    return timed_run(_model, list(_images), schedule_json)
 
 
 def image_set(choice: ImageChoice, samples: list[str]) -> ImageSet:

@@ -495,16 +495,25 @@ def _swatch_strip(entries, width: int, height: int, font) -> np.ndarray:
     draw = ImageDraw.Draw(canvas)
     x, swatch = 0, height - 6
     for color, label in entries:
+        tile = None
         if color is None:  # the image's own colours: a small rainbow
             hue = np.linspace(0.0, 0.85, swatch + 1)[None].repeat(swatch + 1, axis=0)
             tile = hsv_to_rgb(hue, np.full_like(hue, 0.6), np.full_like(hue, 0.9))
-            canvas.paste(Image.fromarray(tile), (x, 3))
-            draw.rectangle((x, 3, x + swatch, 3 + swatch), outline=(60, 60, 60))
-        else:
-            draw.rectangle((x, 3, x + swatch, 3 + swatch), fill=tuple(color), outline=(60, 60, 60))
-        draw.text((x + swatch + 4, height / 2), label, fill=INK, font=font, anchor="lm")
-        x += swatch + 4 + _text_width(font, label) + 16
+        x = _legend_entry(canvas, draw, x, swatch, color, tile, label, font)
     return np.asarray(canvas)
+
+
+def _legend_entry(canvas, draw, x: int, size: int, color, tile, label: str, font) -> int:
+    """A square (a flat colour, or ``tile`` when there is none) and its label at ``x``;
+    returns where the next entry starts."""
+    box = (x, 3, x + size, 3 + size)
+    if tile is not None:
+        canvas.paste(Image.fromarray(tile), (x, 3))
+        draw.rectangle(box, outline=(60, 60, 60))
+    else:
+        draw.rectangle(box, fill=tuple(color), outline=(60, 60, 60))
+    draw.text((x + size + 4, canvas.height / 2), label, fill=INK, font=font, anchor="lm")
+    return x + size + 4 + _text_width(font, label) + 16
 
 
 def _gradient_strip(ramp: np.ndarray, label: str, extras, width: int, height: int, font):
@@ -519,16 +528,12 @@ def _gradient_strip(ramp: np.ndarray, label: str, extras, width: int, height: in
     draw.text((x, height / 2), label, fill=INK, font=font, anchor="lm")
     x += _text_width(font, label) + 16
     for color, text in extras:
+        tile = None
         if color is None:  # hatched, as dropped patches are drawn
             y, x_ = np.mgrid[0 : bar_h + 1, 0 : bar_h + 1]
             stripes = ((x_ + y) % 5) < 2
             tile = np.where(stripes[..., None], 40, 225).astype(np.uint8).repeat(3, axis=-1)
-            canvas.paste(Image.fromarray(tile), (x, 3))
-            draw.rectangle((x, 3, x + bar_h, 3 + bar_h), outline=(60, 60, 60))
-        else:
-            draw.rectangle((x, 3, x + bar_h, 3 + bar_h), fill=tuple(color), outline=(60, 60, 60))
-        draw.text((x + bar_h + 4, height / 2), text, fill=INK, font=font, anchor="lm")
-        x += bar_h + 4 + _text_width(font, text) + 16
+        x = _legend_entry(canvas, draw, x, bar_h, color, tile, text, font)
     return np.asarray(canvas)
 
 

@@ -1,8 +1,8 @@
 """Images held out of training, and batch mixing: what keeps a short run from overfitting.
 
-Trained on the 21 offline images, DTEM at r=16, LTM at keep 0.9 and MSTM's fusion at keep
-0.7 got closer to the full model on those images but further from it on unseen ones
-(``docs/methods.md``, "Why training hurt"). Two remedies live here:
+Trained on 16 offline images, MSTM's fusion at keep 0.7 got closer to the full model on
+those images but further from it on unseen ones (``docs/methods.md``, "Why training seemed
+to hurt"). Two remedies live here:
 
 * a validation split: the held-out images are scored with the *hard inference path* (the
   one the app runs) every few steps, and training keeps the best step, step 0 included;

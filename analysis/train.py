@@ -424,9 +424,8 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
 
     validation = None
     if held is not None:
-        validation = Validation.build(
-            model, held, transform, config.val_views, config.seed, config.batch_size
-        )
+        views = config.val_views if config.augment else 1  # eval crops are all the same
+        validation = Validation.build(model, held, transform, views, config.seed, config.batch_size)
     val_every = config.val_every or max(1, config.steps // 12)
     best: dict[str, Any] = {}  # step, score, losses and modules of the best validated step
 
@@ -557,7 +556,7 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         finished = len(validation.history) and validation.history[-1][0] == config.steps
         validated = {
             "val_images": str(validation.num_images),
-            "val_views": str(config.val_views),
+            "val_views": str(validation.views.shape[0] // validation.num_images),
             "val_every": str(val_every),
             "val_loss_untrained": _joined(validation.history[0][1]),
             "val_loss_kept": _joined(best["losses"]),
@@ -825,10 +824,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--val",
         type=int,
         default=AUTO,
-        help="images held out of training; the step with the lowest validation loss (step 0 "
+        help="images held out of training; the step best at every schedule on them (step 0 "
         "included) is saved (default: a quarter of the images, at most 256, none below 8)",
     )
-    parser.add_argument("--val-views", type=int, default=4, help="views per held-out image")
+    parser.add_argument(
+        "--val-views", type=int, default=4, help="views per held-out image (1 with --no-augment)"
+    )
     parser.add_argument(
         "--val-every", type=int, default=0, help="steps between validations (0: steps/12)"
     )

@@ -129,6 +129,16 @@ def wait_idle(page) -> None:
     )
 
 
+def open_explore(browser, app_url: str):
+    """A page on the app's start (Explore) once its first run has drawn; (page, main)."""
+    page = browser.new_page(viewport={"width": 1500, "height": 1100})
+    page.goto(app_url, wait_until="domcontentloaded")
+    main = page.locator('[data-testid="stMain"]')
+    main.get_by_text("Merged-token segments").wait_for(timeout=RUN_TIMEOUT_MS)
+    wait_idle(page)
+    return page, main
+
+
 @pytest.mark.browser
 @pytest.mark.slow
 def test_upload_shows_overlays_and_charts(app_url: str, tmp_path: Path):
@@ -138,11 +148,7 @@ def test_upload_shows_overlays_and_charts(app_url: str, tmp_path: Path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(app_url, wait_until="domcontentloaded")
-            main = page.locator('[data-testid="stMain"]')
-            main.get_by_text("Merged-token segments").wait_for(timeout=RUN_TIMEOUT_MS)
-            wait_idle(page)
+            page, main = open_explore(browser, app_url)
 
             uploader = page.locator('[data-testid="stSidebar"] .st-key-upload input[type="file"]')
             uploader.set_input_files(

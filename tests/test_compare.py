@@ -13,7 +13,13 @@ from streamlit.testing.v1 import AppTest
 
 from analysis import run
 from analysis.agreement import METRICS, AgreementMatrix, agreement_matrix
-from tests.test_browser import CHROMIUM_ARGS, RUN_TIMEOUT_MS, chromium_path, wait_idle
+from tests.test_browser import (
+    CHROMIUM_ARGS,
+    RUN_TIMEOUT_MS,
+    chromium_path,
+    open_explore,
+    wait_idle,
+)
 from tests.test_browser import app_url as app_url  # the `streamlit run` fixture, reused
 from viz import compare
 
@@ -380,11 +386,7 @@ def test_compare_page_in_chromium(app_url: str, tmp_path: Path):
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=chromium_path(), args=CHROMIUM_ARGS)
         try:
-            page = browser.new_page(viewport={"width": 1500, "height": 1100})
-            page.goto(app_url, wait_until="domcontentloaded")
-            main = page.locator('[data-testid="stMain"]')
-            main.get_by_text("Merged-token segments").wait_for(timeout=RUN_TIMEOUT_MS)
-            wait_idle(page)
+            page, main = open_explore(browser, app_url)
             page.locator('[data-testid="stSidebarNav"]').get_by_text(
                 "Compare", exact=True
             ).first.click()

@@ -116,6 +116,7 @@ class TrainResult:
     losses: list[float] = field(default_factory=list)
     seconds: float = 0.0
     backbone_path: Path | None = None
+    kept_step: int | None = None  # with validation: the step whose modules were saved
 
     @property
     def first_loss(self) -> float:
@@ -569,6 +570,7 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         steps=len(losses),
         losses=losses,
         seconds=time.perf_counter() - started,
+        kept_step=best["step"] if validated else None,
     )
     backbone_path = None
     if config.unfreeze:
@@ -883,9 +885,12 @@ def _train_from_args(args: argparse.Namespace, argv: list[str]) -> int:
         **{name: getattr(args, name) for name in same_names},
     )
     result = train(model, config)
+    kept = ""
+    if result.kept_step is not None:
+        kept = f" (modules of step {result.kept_step}, the best on the held-out images)"
     print(
         f"{method}: {result.steps} steps in {result.seconds:.0f} s, loss "
-        f"{result.first_loss:.4f} -> {result.final_loss:.4f}; saved {result.path}"
+        f"{result.first_loss:.4f} -> {result.final_loss:.4f}; saved {result.path}{kept}"
     )
     if result.backbone_path is not None:
         print(f"tuned backbone saved to {result.backbone_path}")

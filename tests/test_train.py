@@ -293,8 +293,9 @@ def test_validation_keeps_the_best_step_and_reports_it(tmp_path):
     schedules = ("ltm:keep=0.7", "ltm:keep=0.5")
     settings = {"steps": 12, "val": 2, "val_views": 1, "val_every": 3, "lr": 3e-3}
     out = tmp_path / "v.safetensors"
-    train(backbone(), config(schedules, out, folder, **settings))
+    result = train(backbone(), config(schedules, out, folder, **settings))
     metadata = read_metadata(out)
+    assert result.kept_step == int(metadata["kept_step"])
     assert metadata["val_images"] == "2" and metadata["val_views"] == "1"
     kept_step = int(metadata["kept_step"])
     assert kept_step in {0, 3, 6, 9, 12}

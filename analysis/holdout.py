@@ -5,7 +5,8 @@ those images but further from it on unseen ones (``docs/methods.md``, "Why train
 to hurt"). Two remedies live here:
 
 * a validation split: the held-out images are scored with the *hard inference path* (the
-  one the app runs) every few steps, and training keeps the best step, step 0 included;
+  one the app runs) every few steps, and training keeps the best step, step 0 included
+  (``step_rank`` says which is best);
 * CutMix/Mixup of the distillation batches (the DeiT recipe DTEM trains with): the
   teacher sees the same mixed image, so no label is needed.
 """
@@ -131,10 +132,25 @@ def _outputs(model: LoadedModel, module: nn.Module, views: Tensor, plan: Any, ba
     return torch.cat(chunks)
 
 
-def relative(losses: list[float], untrained: list[float]) -> float:
-    """The worst schedule's loss ÷ its untrained loss: a step counts as better only if it
-    is better at every strength (one shared module must not trade one for another)."""
-    return max(now / max(then, 1e-12) for now, then in zip(losses, untrained, strict=True))
+def relative(losses: list[float], untrained: list[float]) -> tuple[float, float]:
+    """How a step compares with step 0: (worst ratio, geometric mean ratio) over schedules.
+
+    Each ratio is the schedule's loss ÷ its untrained loss.
+    """
+    ratios = [now / max(then, 1e-12) for now, then in zip(losses, untrained, strict=True)]
+    return max(ratios), float(np.exp(np.mean(np.log(np.maximum(ratios, 1e-12)))))
+
+
+def step_rank(losses: list[float], untrained: list[float]) -> tuple[float, float]:
+    """Sort key of a validated step; the smallest is kept.
+
+    First, how far its worst schedule is above untrained (0 when none is): one shared
+    module must not buy one strength with another. Then, among steps worse at no strength,
+    the geometric mean ratio, so that a large gain at one strength is not given away for a
+    few per cent at another.
+    """
+    worst, mean = relative(losses, untrained)
+    return max(worst, 1.0), mean
 
 
 def mix_batch(batch: Tensor, rng: np.random.Generator, probability: float) -> Tensor:
@@ -167,4 +183,12 @@ def snapshot(modules: dict[int, nn.Module]) -> dict[int, dict[str, Tensor]]:
     }
 
 
-__all__ = ["AUTO", "Validation", "auto_holdout", "mix_batch", "relative", "split_images"]
+__all__ = [
+    "AUTO",
+    "Validation",
+    "auto_holdout",
+    "mix_batch",
+    "relative",
+    "split_images",
+    "step_rank",
+]

@@ -31,7 +31,15 @@ from PIL import Image
 from torch import Tensor, nn
 
 from analysis.errors import TokenScopeError
-from analysis.holdout import AUTO, Validation, mix_batch, relative, snapshot, split_images
+from analysis.holdout import (
+    AUTO,
+    Validation,
+    mix_batch,
+    relative,
+    snapshot,
+    split_images,
+    step_rank,
+)
 from analysis.learned import (
     LearnedReducer,
     TrainContext,
@@ -437,14 +445,15 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         losses_now = validation.losses(student, module, resolved, config.batch_size)
         validation.history.append((step, losses_now))
         untrained = validation.history[0][1]
-        score = relative(losses_now, untrained)
-        if not best or score < best["score"]:
-            best.update(step=step, score=score, losses=losses_now)
+        rank = step_rank(losses_now, untrained)
+        if not best or rank < tuple(best["score"]):
+            best.update(step=step, score=rank, losses=losses_now)
             best["modules"] = snapshot(trained.modules)
+        worst, mean = relative(losses_now, untrained)
         bar.write(
             f"step {step}: validation loss "
             + ", ".join(f"{v:.5f}" for v in losses_now)
-            + f" (worst {score:.3f} of untrained; best step {best['step']})"
+            + f" (of untrained: worst {worst:.3f}, mean {mean:.3f}; best step {best['step']})"
         )
 
     start, losses = 0, []
@@ -457,6 +466,7 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         if validation is not None and validated:
             validation.history = [(at, list(values)) for at, values in validated["history"]]
             best.update(validated["best"])
+            best["score"] = step_rank(best["losses"], validation.history[0][1])
         if ib is not None and start >= int(config.ib_start * config.steps):
             _refresh_ib(ib, images, student, resolved[0], config, device)
     elif config.resume:
@@ -826,8 +836,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--val",
         type=int,
         default=AUTO,
-        help="images held out of training; the step best at every schedule on them (step 0 "
-        "included) is saved (default: a quarter of the images, at most 256, none below 8)",
+        help="images held out of training. The step saved (step 0 included) is worse than "
+        "untrained at no schedule on them, or the least so, then best on average (default: "
+        "a quarter of the images, at most 256, none below 8)",
     )
     parser.add_argument(
         "--val-views", type=int, default=4, help="views per held-out image (1 with --no-augment)"

@@ -53,6 +53,7 @@ from analysis.models import LoadedModel
 from analysis.reducers.base import LearnedWeights
 
 OFFLINE = "offline"
+INIT_KEYS = "keys"  # --init keys: DTEM starts from the attention keys (ToMe's metric)
 # skimage.data images that load without a download (colour first, then grey).
 OFFLINE_IMAGES = (
     "astronaut",
@@ -110,7 +111,7 @@ class TrainConfig:
     val_every: int = 0  # steps between validations (0: about twelve per run)
     mix: float | None = None  # CutMix/Mixup probability (None: 0.5 distilling, 0 with labels)
     resume: bool = False
-    init: Path | None = None
+    init: str | Path | None = None  # a weights file, or INIT_KEYS (DTEM: start as ToMe)
     stop_after: int | None = None  # stop (resumably) after this many steps in this call
     progress: bool = True
     command: str = ""
@@ -401,10 +402,7 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         module = copy.deepcopy(model.module).train().requires_grad_(True)
         model = replace(model, module=module)
     aux_out = facts.num_classes if model.is_classifier else facts.dim
-    weights = init_weights(model, config.schedules, aux_out=aux_out, seed=config.seed)
-    trained = weights[method]
-    if config.init is not None:
-        _load_into(trained, load_learned(config.init, model))
+    trained = starting_modules(model, config.schedules, config.init, config.seed, aux_out)
     for item in trained.modules.values():
         item.train().requires_grad_(True)
     trainable = [p for m in trained.modules.values() for p in m.parameters()]
@@ -608,6 +606,7 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         backbone_frozen="no" if config.unfreeze else "yes",
         balanced="yes" if config.balance and len(config.schedules) > 1 else "no",
         mix=str(mix_probability(config, labelled)),
+        init="new modules" if config.init is None else str(config.init),
         **validated,
         backbone_weights=str(backbone_path) if backbone_path else model.weights,
         seconds=f"{result.seconds:.0f}",
@@ -658,6 +657,41 @@ def _validation_state(validation: Validation | None, best: dict[str, Any]) -> di
     if validation is None:
         return {}
     return {"history": validation.history, "best": best}
+
+
+def starting_modules(
+    model: LoadedModel,
+    schedules: tuple[str, ...] | list[str],
+    init: str | Path | None = None,
+    seed: int = 0,
+    aux_out: int = 0,
+) -> LearnedWeights:
+    """The modules training starts from: new ones (seeded), the keys, or a weights file."""
+    method = learned_method(model, tuple(schedules))
+    trained = init_weights(model, schedules, aux_out=aux_out, seed=seed)[method]
+    if init is not None and str(init) == INIT_KEYS:
+        _start_from_keys(trained, model, method)
+    elif init is not None:
+        _load_into(trained, load_learned(init, model))
+    return trained
+
+
+def _start_from_keys(target: LearnedWeights, model: LoadedModel, method: str) -> None:
+    from analysis.reducers.dtem import metric_from_keys
+
+    if method != "dtem":
+        raise TokenScopeError(
+            f"--init {INIT_KEYS} starts DTEM's metric layers from the attention keys; "
+            f"{method} has no such layers. Use a weights file or leave --init out."
+        )
+    for layer, module in target.modules.items():
+        start = metric_from_keys(model.module.blocks[layer].attn)
+        if start.proj.weight.shape != module.proj.weight.shape:
+            raise TokenScopeError(
+                f"--init {INIT_KEYS}: block {layer}'s keys are {start.proj.out_features} wide "
+                f"per head, but the metric layer has {module.proj.out_features} outputs"
+            )
+        module.load_state_dict(start.state_dict())
 
 
 def _load_into(target: LearnedWeights, source: LearnedWeights) -> None:
@@ -816,7 +850,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument("--no-amp", action="store_true", help="no mixed precision on the GPU")
-    parser.add_argument("--init", type=Path, default=None, help="start from a weights file")
+    parser.add_argument(
+        "--init",
+        default=None,
+        help=f"start from a weights file, or '{INIT_KEYS}' (DTEM: from the attention keys, "
+        "i.e. from ToMe's metric)",
+    )
     parser.add_argument("--resume", action="store_true", help="continue from OUT.resume.pt")
     parser.add_argument("--checkpoint-every", type=int, default=50)
     parser.add_argument(

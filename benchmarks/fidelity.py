@@ -6,6 +6,7 @@ over images, against the analytic GMACs. "untrained" is the mean over ``--seeds`
 initialisations of the modules training starts from (the same schedules as recorded in the
 shipped file): one random initialisation is not a fair baseline, since on 20 images the
 spread between seeds (DTEM at r=16: 0.989 to 0.993) exceeds the effect of training.
+A file trained ``--init keys`` (DTEM) has one deterministic start, ToMe's metric.
 "trained" uses the file in ``assets/``; "gain" is trained minus untrained, paired per
 image, ± its standard error. ToMe and EViT are solved to the same GMACs
 (``analysis.solver``).
@@ -38,15 +39,10 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.engine import run  # noqa: E402
 from analysis.images import load_image, to_tensor  # noqa: E402
-from analysis.learned import (  # noqa: E402
-    ASSETS_DIR,
-    attach,
-    init_weights,
-    load_learned,
-    read_metadata,
-)
+from analysis.learned import ASSETS_DIR, attach, load_learned, read_metadata  # noqa: E402
 from analysis.models import LoadedModel, load_model  # noqa: E402
 from analysis.solver import match_cost  # noqa: E402
+from analysis.train import INIT_KEYS, starting_modules  # noqa: E402
 
 # method -> (asset file, schedules at two or three strengths)
 METHODS: dict[str, tuple[str, list[str]]] = {
@@ -137,13 +133,14 @@ def measure(
         metadata = read_metadata(path)
         trained_with = metadata["schedule"].split(" | ")
         first_seed = int(metadata["seed"])
-        untrained = [
-            attach(
-                bare,
-                init_weights(bare, trained_with, aux_out=bare.facts.dim, seed=seed).values(),
-            )
-            for seed in range(first_seed, first_seed + seeds)
-        ]
+        if metadata.get("init") == INIT_KEYS:  # one deterministic start: ToMe's metric
+            starts = [starting_modules(bare, trained_with, INIT_KEYS)]
+        else:
+            starts = [
+                starting_modules(bare, trained_with, seed=seed, aux_out=bare.facts.dim)
+                for seed in range(first_seed, first_seed + seeds)
+            ]
+        untrained = [attach(bare, [start]) for start in starts]
         trained = attach(bare, [load_learned(path, bare)])
         for schedule in schedules:
             cost = run(trained, images[:1], schedule).cost
@@ -158,7 +155,7 @@ def measure(
                     schedule=schedule,
                     gmacs=cost.gmacs,
                     untrained=before.mean().item(),
-                    untrained_sd=before.mean(dim=1).std().item() if seeds > 1 else 0.0,
+                    untrained_sd=before.mean(dim=1).std().item() if len(starts) > 1 else 0.0,
                     trained=after.mean().item(),
                     gain=gain.mean().item(),
                     gain_se=(gain.std() / len(gain) ** 0.5).item(),

@@ -13,7 +13,7 @@ from torch import nn
 from analysis import ScheduleError, run
 from analysis.learned import attach, init_weights
 from analysis.reducers import REDUCERS
-from analysis.reducers.dtem import DTEMMetric, soft_top_r
+from analysis.reducers.dtem import metric_from_keys, soft_top_r
 from analysis.reducers.tome import match_bipartite
 from tests.conftest import tiny
 
@@ -117,17 +117,10 @@ def test_missing_layer_and_wrong_token_count_are_explained():
 
 def keys_as_metric(model) -> dict[int, nn.Module]:
     """DTEM metric layers that compute exactly ToMe's metric: keys averaged over heads."""
-    modules = {}
-    for layer, block in enumerate(model.module.blocks):
-        attn = block.attn
-        dim = attn.qkv.in_features
-        weight = attn.qkv.weight[dim : 2 * dim].reshape(attn.num_heads, attn.head_dim, dim)
-        bias = attn.qkv.bias[dim : 2 * dim].reshape(attn.num_heads, attn.head_dim)
-        module = DTEMMetric(dim, attn.head_dim)
-        module.proj.weight.data.copy_(weight.mean(dim=0))
-        module.proj.bias.data.copy_(bias.mean(dim=0))
-        modules[layer] = module.eval()
-    return modules
+    return {
+        layer: metric_from_keys(block.attn).eval()
+        for layer, block in enumerate(model.module.blocks)
+    }
 
 
 @pytest.mark.parametrize("family", FAMILIES, ids=list(FAMILIES))

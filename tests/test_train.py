@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from analysis import CheckpointMismatchError, TokenScopeError, run
-from analysis.learned import load_learned, read_metadata
+from analysis.learned import attach, load_learned, read_metadata
 from analysis.models import with_learned
 from analysis.train import TrainConfig, train, train_main
 from tests.conftest import tiny
@@ -335,3 +335,19 @@ def test_validation_keeps_the_best_step_and_reports_it(tmp_path):
     again = read_metadata(resumed_out)
     for key in ("kept_step", "val_loss_untrained", "val_loss_kept", "val_loss_last"):
         assert again[key] == metadata[key]
+
+
+def test_dtem_can_start_from_the_keys_and_then_equals_tome(images, tmp_path):
+    model = backbone()
+    out = tmp_path / "keys.safetensors"
+    train(model, config("dtem:r=4", out, images, steps=1, lr=0.0, weight_decay=0.0, init="keys"))
+    assert read_metadata(out)["init"] == "keys"
+    started = attach(model, [load_learned(out, model)])
+    batch = torch.randn(2, 3, 64, 64)
+    dtem = run(started, batch, "dtem:r=4")
+    tome = run(model, batch, "tome:r=4")
+    pairs = zip(dtem.trace.layers, tome.trace.layers, strict=True)
+    assert all(torch.equal(ours.owner, theirs.owner) for ours, theirs in pairs)
+    assert torch.allclose(dtem.features, tome.features, atol=1e-5)
+    with pytest.raises(TokenScopeError, match="ltm has no such layers"):
+        train(model, config("ltm:keep=0.5", tmp_path / "l.safetensors", images, init="keys"))

@@ -43,6 +43,27 @@ class DTEMMetric(nn.Module):
         return self.proj(normed)
 
 
+def metric_from_keys(attn: nn.Module) -> DTEMMetric:
+    """A metric layer computing ToMe's metric, the block's keys averaged over heads.
+
+    Training from it (``python -m analysis train --init keys``) starts at ToMe instead of at
+    a random projection, so the untrained module is a known baseline. Exact for blocks
+    without ``k_norm``; with one, it starts from the keys before their norm.
+    """
+    dim = attn.qkv.in_features
+    heads, head_dim = attn.num_heads, attn.head_dim
+    weight = attn.qkv.weight.detach()[dim : 2 * dim].reshape(heads, head_dim, dim).mean(dim=0)
+    module = DTEMMetric(dim, head_dim)
+    with torch.no_grad():
+        module.proj.weight.copy_(weight)
+        bias = attn.qkv.bias
+        if bias is None:
+            module.proj.bias.zero_()
+        else:
+            module.proj.bias.copy_(bias.detach()[dim : 2 * dim].reshape(heads, head_dim).mean(0))
+    return module.to(weight.device)
+
+
 def default_feat_dim(facts: ModelFacts) -> int:
     head_dim = facts.dim // facts.num_heads
     return head_dim if facts.dim < 1024 else 2 * head_dim

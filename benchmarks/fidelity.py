@@ -82,6 +82,9 @@ class Row:
     tome_schedule: str
     evit: float
     evit_schedule: str
+    median_gain: float = float("nan")  # one image can move the mean: see the median too
+    better: int = 0  # images where training raised the cosine (by more than 1e-5)
+    worse: int = 0
 
 
 def image_sets(model: LoadedModel, which: str) -> dict[str, torch.Tensor]:
@@ -163,6 +166,9 @@ def measure(
                     tome_schedule=tome,
                     evit=fidelity(bare, images, full, evit),
                     evit_schedule=evit,
+                    median_gain=gain.median().item(),
+                    better=int((gain > 1e-5).sum()),
+                    worse=int((gain < -1e-5).sum()),
                 )
             )
             print(f"  {rows[-1]}", file=sys.stderr)
@@ -193,8 +199,9 @@ def measure(
 def table(rows: list[Row], full_gmacs: float) -> str:
     lines = [
         "| method | schedule | GMACs | % of full | untrained (± sd over inits) | trained "
-        "| gain (± SE) | ToMe (same GMACs) | EViT (same GMACs) |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| gain (± SE) | median gain | images better / worse | ToMe (same GMACs) "
+        "| EViT (same GMACs) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         spread = f" ± {row.untrained_sd:.4f}" if row.untrained_sd >= 5e-5 else ""
@@ -203,8 +210,12 @@ def table(rows: list[Row], full_gmacs: float) -> str:
             f"| {row.method} | `{row.schedule}` | {row.gmacs:.3f} | "
             f"{100 * row.gmacs / full_gmacs:.0f} | {row.untrained:.4f}{spread} | "
             f"{row.trained:.4f} | "
-            + (f"{gain} ± {row.gain_se:.4f} | " if row.tome == row.tome else "– | ")
-            + (f"{row.tome:.4f} | {row.evit:.4f} |" if row.tome == row.tome else "– | – |")
+            + (
+                f"{gain} ± {row.gain_se:.4f} | {row.median_gain:+.4f} | "
+                f"{row.better} / {row.worse} | {row.tome:.4f} | {row.evit:.4f} |"
+                if row.tome == row.tome
+                else "– | – | – | – | – |"
+            )
         )
     return "\n".join(lines)
 

@@ -283,6 +283,34 @@ def load_learned(path: str | Path, model: LoadedModel | None = None) -> LearnedW
     return LearnedWeights(method=cls.name, modules=modules, metadata=metadata)
 
 
+def provenance(weights: LearnedWeights) -> str:
+    """Where a method's weights came from, in one line: what a figure's caption needs."""
+    info = weights.metadata
+    parts = [info.get("source", "untrained modules")]
+    if "converted_from" in info:
+        parts.append(f"converted from a {info['converted_from']}")
+    if "schedule" in info:
+        parts.append(f"trained under {info['schedule']}")
+    if "steps" in info:
+        kept = info.get("kept_step")
+        steps = f"{info['steps']} step" + ("" if info["steps"] == "1" else "s")
+        if kept == "0":
+            steps += ", kept step 0 (no step beat the start on validation)"
+        elif kept not in (None, "", info["steps"]):
+            steps += f", kept step {kept} (best on validation)"
+        parts.append(steps)
+    init = info.get("init")
+    if init == "keys":
+        parts.append("started from the attention keys (ToMe's metric)")
+    elif init not in (None, "new modules"):
+        parts.append(f"started from {init}")
+    if "data" in info:
+        parts.append(f"data: {info['data']}")
+    if info.get("backbone_frozen") == "no":
+        parts.append("backbone tuned too")
+    return "; ".join(parts)
+
+
 def check_backbone(path: Path, label: str, trained: BackboneId, loaded: BackboneId) -> None:
     if trained == loaded:
         return
@@ -422,6 +450,7 @@ __all__ = [
     "fingerprint",
     "init_weights",
     "load_learned",
+    "provenance",
     "save_learned",
     "shipped_assets",
 ]

@@ -33,7 +33,8 @@ from analysis import (
 )
 from analysis.engine import attach_weights
 from analysis.images import CropInfo, fit_to_input, load_image
-from analysis.learned import attach, load_learned
+from analysis.learned import attach, load_learned, provenance
+from analysis.reducers import reducer_class
 from analysis.reducers.base import LearnedWeights
 from viz.overlays import display_image, render_crop_box, to_png
 from viz.schedule_table import presets
@@ -232,12 +233,24 @@ def learned_sidebar(model: LoadedModel, key: ModelKey) -> tuple[LoadedModel, Mod
         except ModelLoadError as error:
             st.sidebar.error(f"Cannot use **{upload.name}**: {error}")
             continue
-        found.append(weights)
+        named = {**weights.metadata, "source": upload.name}  # the cached object stays as is
+        found.append(dataclasses.replace(weights, metadata=named))
         digests.append(digest)
         st.sidebar.caption(f"{upload.name}: {weights.method} weights in use.")
-    if not found:
-        return model, key
-    return attach(model, found), dataclasses.replace(key, learned=",".join(digests))
+    if found:
+        model = attach(model, found)
+        key = dataclasses.replace(key, learned=",".join(digests))
+    learned_provenance(model)
+    return model, key
+
+
+def learned_provenance(model: LoadedModel) -> None:
+    """Which weights each learned method runs with, so a figure can say so."""
+    if not model.learned:
+        return
+    with st.sidebar.expander("Learned weights in use"):
+        for method, weights in sorted(model.learned.items()):
+            st.markdown(f"**{reducer_class(method).label}**: {provenance(weights)}")
 
 
 @st.cache_resource(show_spinner=False, max_entries=len(SAMPLES))

@@ -234,6 +234,12 @@ def test_run_errors_are_shown_not_raised(tokenscope_cache, monkeypatch):
     assert any("ran out of memory" in str(e.value) for e in at.error)
 
 
+def provenance_lines(at: AppTest) -> str:
+    """The sidebar's "Learned weights in use" list, one method per line."""
+    (panel,) = [e for e in at.sidebar.expander if e.label == "Learned weights in use"]
+    return "\n".join(str(line.value).split(";")[0] for line in panel.markdown)
+
+
 def learned_file(model, path: Path, seed: int) -> bytes:
     """A DTEM weights file for ``model`` with fresh modules (the format training writes)."""
     from analysis.learned import backbone_id, init_weights, save_learned
@@ -256,6 +262,8 @@ def test_uploaded_reducer_weights_are_used_or_refused(tokenscope_cache, tmp_path
     assert not at.exception and not sidebar_errors(at)
     assert "mine.safetensors: dtem weights in use." in texts(at)
     assert metric(at, "Feature fidelity") != shipped  # other weights, another result
+    assert "**DTEM**: mine.safetensors" in provenance_lines(at)
+    assert "**LTM**: ltm-default.safetensors" in provenance_lines(at)  # the others stay
 
     other = learned_file(tiny("vit_small_patch16_224"), tmp_path / "other.safetensors", seed=0)
     at.file_uploader(key="learned_uploads").clear().upload("other.safetensors", other).run()
@@ -263,6 +271,7 @@ def test_uploaded_reducer_weights_are_used_or_refused(tokenscope_cache, tmp_path
     (message,) = sidebar_errors(at)
     assert "other.safetensors" in message and "trained on 'vit_small_patch16_224'" in message
     assert metric(at, "Feature fidelity") == shipped  # the shared model kept its weights
+    assert "**DTEM**: dtem-default.safetensors" in provenance_lines(at)
 
     at.file_uploader(key="learned_uploads").clear().upload("junk.safetensors", b"junk").run()
     assert not at.exception

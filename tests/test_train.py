@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from analysis import CheckpointMismatchError, TokenScopeError, run
-from analysis.learned import attach, load_learned, read_metadata
+from analysis.learned import attach, load_learned, provenance, read_metadata
 from analysis.models import with_learned
 from analysis.train import TrainConfig, train, train_main
 from tests.conftest import tiny
@@ -342,7 +342,10 @@ def test_dtem_can_start_from_the_keys_and_then_equals_tome(images, tmp_path):
     out = tmp_path / "keys.safetensors"
     train(model, config("dtem:r=4", out, images, steps=1, lr=0.0, weight_decay=0.0, init="keys"))
     assert read_metadata(out)["init"] == "keys"
-    started = attach(model, [load_learned(out, model)])
+    weights = load_learned(out, model)
+    assert "started from the attention keys" in provenance(weights)
+    assert provenance(weights).startswith("keys.safetensors; trained under dtem:r=4; 1 step;")
+    started = attach(model, [weights])
     batch = torch.randn(2, 3, 64, 64)
     dtem = run(started, batch, "dtem:r=4")
     tome = run(model, batch, "tome:r=4")

@@ -315,10 +315,6 @@ def unavailable_methods(model: LoadedModel, choices: dict[str, str]) -> dict[str
 # --------------------------------------------------------------------------- runs
 
 
-def model_tuple(key: ModelKey) -> tuple[str, str, str]:
-    return key.cache_key()
-
-
 def run_column(
     index: int,
     text: str,
@@ -335,7 +331,7 @@ def run_column(
             matched = solve(model, schedule, target)
             schedule = matched.schedule
         timed = cached_run(
-            model_tuple(model_key), choice.key, schedule.to_json(), model, choice.image
+            model_key.cache_key(), choice.key, schedule.to_json(), model, choice.image
         )
     except TokenScopeError as error:
         return Column(index, text, matched=matched, error=str(error))
@@ -387,7 +383,7 @@ def set_runs(
     with progress while anything is new. A failure stays with its column."""
     state = st.session_state
     done = state.setdefault("compare_batches_done", set())
-    key = model_tuple(model_key)
+    key = model_key.cache_key()
     jobs = [(None, parse_schedule("none").to_json())] + [
         (c.index, c.schedule.to_json()) for c in columns if c.ok and c.schedule is not None
     ]
@@ -441,7 +437,7 @@ def compare_page() -> None:
     texts = schedule_inputs(model, count)
     try:
         full = cached_run(
-            model_tuple(model_key), choice.key, Schedule().to_json(), model, choice.image
+            model_key.cache_key(), choice.key, Schedule().to_json(), model, choice.image
         )
     except TokenScopeError as error:
         st.error(str(error))
@@ -525,7 +521,7 @@ def comparison(
         with cell:
             column_views(
                 column,
-                [*model_tuple(model_key), choice.key],
+                [*model_key.cache_key(), choice.key],
                 image,
                 layer,
                 views or [],
@@ -902,7 +898,7 @@ def grids(
     where = "" if view == "depth" else f", after layer {layer}"
     plan = GridPlan(
         model_key.describe(),
-        model_tuple(model_key),
+        model_key.cache_key(),
         images.keys,
         tuple((c.name, c.ran, c.key) for c in good),
         view,

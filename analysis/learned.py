@@ -33,6 +33,7 @@ if TYPE_CHECKING:
 FORMAT = "tokenscope-learned"
 FORMAT_VERSION = "1"
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
+INIT_KEYS = "keys"  # train --init keys: DTEM starts from the attention keys (ToMe)
 TRAINING_ONLY_PREFIX = "aux."  # module parts used only by training (Cropr's auxiliary head)
 
 
@@ -300,7 +301,7 @@ def provenance(weights: LearnedWeights) -> str:
             steps += f", kept step {kept} (best on validation)"
         parts.append(steps)
     init = info.get("init")
-    if init == "keys":
+    if init == INIT_KEYS:
         parts.append("started from the attention keys (ToMe's metric)")
     elif init not in (None, "new modules"):
         parts.append(f"started from {init}")
@@ -441,6 +442,7 @@ def convert_official(path: Path, model: LoadedModel | None = None) -> LearnedWei
 
 
 __all__ = [
+    "INIT_KEYS",
     "BackboneId",
     "LearnedReducer",
     "TrainContext",

@@ -41,6 +41,7 @@ from analysis.holdout import (
     step_rank,
 )
 from analysis.learned import (
+    INIT_KEYS,
     LearnedReducer,
     TrainContext,
     attach,
@@ -53,7 +54,6 @@ from analysis.models import LoadedModel
 from analysis.reducers.base import LearnedWeights
 
 OFFLINE = "offline"
-INIT_KEYS = "keys"  # --init keys: DTEM starts from the attention keys (ToMe's metric)
 # skimage.data images that load without a download (colour first, then grey).
 OFFLINE_IMAGES = (
     "astronaut",
@@ -434,7 +434,7 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         views = config.val_views if config.augment else 1  # eval crops are all the same
         validation = Validation.build(model, held, transform, views, config.seed, config.batch_size)
     val_every = config.val_every or max(1, config.steps // 12)
-    best: dict[str, Any] = {}  # step, score, losses and modules of the best validated step
+    best: dict[str, Any] = {}  # step, losses and modules of the best validated step
 
     def validate(step: int) -> None:
         assert validation is not None
@@ -443,10 +443,8 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         losses_now = validation.losses(student, module, resolved, config.batch_size)
         validation.history.append((step, losses_now))
         untrained = validation.history[0][1]
-        rank = step_rank(losses_now, untrained)
-        if not best or rank < tuple(best["score"]):
-            best.update(step=step, score=rank, losses=losses_now)
-            best["modules"] = snapshot(trained.modules)
+        if not best or step_rank(losses_now, untrained) < step_rank(best["losses"], untrained):
+            best.update(step=step, losses=losses_now, modules=snapshot(trained.modules))
         worst, mean = relative(losses_now, untrained)
         bar.write(
             f"step {step}: validation loss "
@@ -464,7 +462,6 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
         if validation is not None and validated:
             validation.history = [(at, list(values)) for at, values in validated["history"]]
             best.update(validated["best"])
-            best["score"] = step_rank(best["losses"], validation.history[0][1])
         if ib is not None and start >= int(config.ib_start * config.steps):
             _refresh_ib(ib, images, student, resolved[0], config, device)
     elif config.resume:

@@ -211,8 +211,10 @@ def forward(
         mask = None
         if resolved.proportional_attention and merged_any:
             # Zero-size tokens (PatchMerger outputs no patch chose, DTEM's faded tokens in
-            # training) get a large negative bias instead of -inf.
-            mask = size.clamp(min=1e-6).log().to(x.dtype)[:, None, None, :]
+            # training) get a large negative bias instead of -inf. Adding eps, not clamping,
+            # keeps the gradient through a size that reaches 0, as DTEM's official code
+            # (which multiplies the attention by the size) does.
+            mask = (size + 1e-6).log().to(x.dtype)[:, None, None, :]
         normed = block.norm1(x)
         attn_out, keys, cls_attn = attend(block.attn, normed, mask, active, num_prefix)
         x = x + block.ls1(attn_out)

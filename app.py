@@ -18,6 +18,7 @@ st.set_page_config(page_title="TokenScope", page_icon=":material/grid_view:", la
 pages = [
     st.Page("app_pages/explore.py", title="Explore", icon=":material/layers:", default=True),
     st.Page("app_pages/compare.py", title="Compare", icon=":material/compare:"),
-    # Trade-off and Figures join here as their pages are built.
+    st.Page("app_pages/tradeoff.py", title="Trade-off", icon=":material/show_chart:"),
+    # Figures joins here when it is built.
 ]
 st.navigation(pages).run()

@@ -245,12 +245,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("train", help="train a learned reducer (see: train --help)", add_help=False)
     sub.add_parser("solve", help="match methods to one cost (see: solve --help)", add_help=False)
+    sub.add_parser(
+        "sweep", help="trade-off curves over an image set (see: sweep --help)", add_help=False
+    )
     return parser
 
 
 _DELEGATED: dict[str, tuple[str, str]] = {
     "train": ("analysis.train", "train_main"),
     "solve": ("analysis.solver", "solve_main"),
+    "sweep": ("analysis.sweep_cli", "sweep_main"),
 }
 _COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "flops": cmd_flops,

@@ -248,7 +248,11 @@ def _load_timm(
         module = _create_from_hub(name, extra)
         label = "hub"
     elif weights == "random":
-        module = _create(name, pretrained=False, **extra)
+        # Seeded, so every process (a torchrun rank, a rerun) builds the same weights and
+        # cached sweep points stay valid; the caller's own random stream is left alone.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = _create(name, pretrained=False, **extra)
         label = "random"
     else:
         path = Path(weights)

@@ -17,6 +17,14 @@ neighbours around the target, and the closer one is taken; when an integer step 
 coarser than the tolerance (ToMe's r on DeiT-S moves the cost by about 3 % per step) the
 result says so rather than pretending.
 
+Learned methods stay where their loaded weights are valid (given a loaded model, not just
+its facts; see :mod:`analysis.trained_settings`). A strength that the weights fix
+(PatchMerger's ``tokens``: its M learned queries) is never varied: the method moves, as one
+single-layer part, over the layers its weights cover, and the layer whose cost is closest
+wins (``param`` is then ``"layer"``). Any other strength is solved over its whole range as
+above, and a value outside the range the weights were trained at is reported in
+``extrapolated`` (empty when within it, or when the weights record no range).
+
 Python::
 
     from analysis import load_model
@@ -49,6 +57,14 @@ from analysis.models import LoadedModel, model_facts
 from analysis.reducers import Reducer, reducer_class
 from analysis.reducers.base import ModelFacts, Param
 from analysis.schedule import Schedule, parse_schedule
+from analysis.trained_settings import (
+    TrainedSettings,
+    at_layer,
+    extrapolation,
+    layers_text,
+    trained_settings,
+    with_fixed,
+)
 
 DEFAULT_TOLERANCE_PERCENT = 1.0  # of the full model's GMACs
 _FLOAT_STEPS = 200  # bisection rounds for a float strength (stops early once converged)
@@ -67,7 +83,7 @@ class MatchedSchedule:
     label: str  # the name shown in the UI
     base: Schedule  # the schedule as given
     schedule: Schedule  # the schedule with the solved strength
-    param: str  # the strength parameter that was varied
+    param: str  # the strength parameter that was varied ("layer" when the weights fix it)
     value: int | float  # what it was set to
     gmacs: float  # the cost the solved schedule achieves
     target_gmacs: float
@@ -75,6 +91,7 @@ class MatchedSchedule:
     tolerance: float  # in GMACs
     reachable_range: tuple[float, float]  # (min, max) GMACs over the parameter's range
     message: str = ""
+    extrapolated: str = ""  # why the solved setting lies outside the trained range, or ""
 
     @property
     def error(self) -> float:
@@ -120,6 +137,7 @@ class MatchedSchedule:
             "reachable": self.reachable,
             "reachable_range": list(self.reachable_range),
             "message": self.message,
+            "extrapolated": self.extrapolated,
         }
 
 
@@ -186,7 +204,8 @@ def match_cost(
 
     Args:
         model: a loaded model, or just its facts (then pass ``module`` for the exact head
-            cost of models with an attention pool or a distillation head).
+            cost of models with an attention pool or a distillation head). A loaded
+            model's learned weights bound what learned methods may be set to.
         schedules: one base schedule per method, as text or :class:`Schedule`; each holds
             a single method (in one or more parts).
         target_gmacs: the target in GMACs; or
@@ -208,8 +227,9 @@ def match_cost(
     full = full_gmacs(facts, module)
     target = _target(full, target_gmacs, target_percent)
     tolerance = _tolerance(full, tolerance_gmacs, tolerance_percent)
+    loaded = model if isinstance(model, LoadedModel) else None
     return [
-        solve_schedule(facts, schedule, target, tolerance, module=module, full=full)
+        solve_schedule(facts, schedule, target, tolerance, module=module, full=full, model=loaded)
         for schedule in schedules
     ]
 
@@ -222,8 +242,13 @@ def solve_schedule(
     *,
     module: nn.Module | None = None,
     full: float | None = None,
+    model: LoadedModel | None = None,
 ) -> MatchedSchedule:
-    """Solve one schedule's strength for ``target_gmacs`` (see :func:`match_cost`)."""
+    """Solve one schedule's strength for ``target_gmacs`` (see :func:`match_cost`).
+
+    With ``model``, its learned weights bound the result: a strength they fix stays fixed
+    and the layer is solved instead; a solved value outside the trained range is marked.
+    """
     base = parse_schedule(schedule, depth=facts.depth)
     methods = base.methods()
     if not methods:
@@ -236,11 +261,16 @@ def solve_schedule(
     cls = reducer_class(methods[0])
     spec = strength_param(cls)
     full = full_gmacs(facts, module) if full is None else full
+    settings = trained_settings(model, cls.name, base) if model is not None else None
+    if settings is not None and settings.strength_fixed:
+        return _solve_layer(facts, base, settings, target_gmacs, tolerance_gmacs, module, full)
+    # Parameters the weights fix take their trained values: never a setting they refuse.
+    varied = with_fixed(base, settings) if settings is not None else base
     cache: dict[int | float, int] = {}
 
     def macs(value: int | float) -> int:
         if value not in cache:
-            resolved = with_strength(base, cls.name, spec.name, value).resolve(facts)
+            resolved = with_strength(varied, cls.name, spec.name, value).resolve(facts)
             cache[value] = count_macs(facts, resolved, module).macs
         return cache[value]
 
@@ -249,8 +279,8 @@ def solve_schedule(
     if spec.kind is float:
         value = _shortest(value, macs, spec)
     elif abs(macs(value) - target_macs) > tolerance_gmacs * 1e9:
-        value = _blend_per_layer(base, facts, spec, value, other, macs, target_macs)
-    solved = with_strength(base, cls.name, spec.name, value)
+        value = _blend_per_layer(varied, facts, spec, value, other, macs, target_macs)
+    solved = with_strength(varied, cls.name, spec.name, value)
     ends = (macs(_low(spec)) / 1e9, macs(_high(spec)) / 1e9)
     result = MatchedSchedule(
         method=cls.name,
@@ -264,8 +294,88 @@ def solve_schedule(
         full_gmacs=full,
         tolerance=tolerance_gmacs,
         reachable_range=(min(ends), max(ends)),
+        extrapolated="" if model is None or settings is None else extrapolation(model, solved),
     )
     return replace(result, message=_explain(result, spec, other, macs))
+
+
+def _solve_layer(
+    facts: ModelFacts,
+    base: Schedule,
+    settings: TrainedSettings,
+    target_gmacs: float,
+    tolerance_gmacs: float,
+    module: nn.Module | None,
+    full: float,
+) -> MatchedSchedule:
+    """Solve where a method whose weights fix its strength runs: one single-layer part at
+    each layer the weights cover, the closest cost wins (ties: nearest the base's layer)."""
+    layers = [layer for layer in settings.layers if layer < facts.depth]
+    if not layers:
+        raise ScheduleError(
+            f"{settings.label}: {settings.source} has no trained module for any layer of "
+            f"{facts.name}, so matched cost has nowhere to place it"
+        )
+    costs = {
+        layer: count_macs(facts, at_layer(base, settings, layer).resolve(facts), module).gmacs
+        for layer in layers
+    }
+    given = [layer for part in base.parts for layer in (part.layers or (0,))]
+    near = given[0] if given else 0
+    best = min(layers, key=lambda layer: (abs(costs[layer] - target_gmacs), abs(layer - near)))
+    across = [
+        layer
+        for layer in layers
+        if (costs[layer] - target_gmacs) * (costs[best] - target_gmacs) < 0
+    ]
+    other = min(across, key=lambda layer: abs(costs[layer] - target_gmacs), default=None)
+    result = MatchedSchedule(
+        method=settings.method,
+        label=settings.label,
+        base=base,
+        schedule=at_layer(base, settings, best),
+        param="layer",
+        value=best,
+        gmacs=costs[best],
+        target_gmacs=target_gmacs,
+        full_gmacs=full,
+        tolerance=tolerance_gmacs,
+        reachable_range=(min(costs.values()), max(costs.values())),
+    )
+    return replace(result, message=_explain_layer(result, settings, costs, other))
+
+
+def _explain_layer(
+    result: MatchedSchedule,
+    settings: TrainedSettings,
+    costs: dict[int, float],
+    other: int | None,
+) -> str:
+    if result.within_tolerance:
+        return ""
+    fixed = ", ".join(f"{k}={_show(v)}" for k, v in settings.fixed.items())
+    target = f"{result.target_gmacs:.3f} GMACs ({result.target_percent:.1f}% of full)"
+    trained = f"its weights ({settings.source}) fix {fixed}, so only its layer can move"
+    low, high = result.reachable_range
+    if not result.reachable:
+        side = "below" if result.target_gmacs < low else "above"
+        return (
+            f"{result.label} cannot reach {target} with its trained {fixed} "
+            f"({settings.source}): only its layer can move, and "
+            f"its trained layers {layers_text(sorted(costs))} span {low:.3f}-{high:.3f} GMACs "
+            f"({100 * low / result.full_gmacs:.1f}-{100 * high / result.full_gmacs:.1f}%), so "
+            f"the target is {side} its range; the closest is layer {result.value} at "
+            f"{result.gmacs:.3f} GMACs. Train it at another layer to move the range."
+        )
+    step = ""
+    if other is not None:
+        step = f" and layer {other} gives {costs[other]:.3f}"
+    return (
+        f"{result.label} cannot land within ±{result.tolerance:.3f} GMACs of {target}: "
+        f"{trained} (layers {layers_text(sorted(costs))}), and layer {result.value} gives "
+        f"{result.gmacs:.3f}{step} GMACs. The closest, layer {result.value}, is used (error "
+        f"{result.error:+.3f} GMACs); widen the tolerance to accept it."
+    )
 
 
 def _blend_per_layer(
@@ -493,7 +603,7 @@ def format_table(results: Sequence[MatchedSchedule], model_name: str = "") -> st
         f"± {first.tolerance:.3f}",
         "",
     ]
-    header = ("method", "param", "value", "GMACs", "% full", "error", "ok", "schedule")
+    header = ("method", "param", "value", "GMACs", "% full", "error", "ok", "trained", "schedule")
     rows = [
         (
             r.label,
@@ -503,6 +613,7 @@ def format_table(results: Sequence[MatchedSchedule], model_name: str = "") -> st
             f"{r.percent:.1f}",
             f"{r.error:+.3f}",
             "yes" if r.within_tolerance else "NO",
+            "EXTRAPOLATED" if r.extrapolated else "",
             r.schedule.to_text(),
         )
         for r in results
@@ -513,6 +624,7 @@ def format_table(results: Sequence[MatchedSchedule], model_name: str = "") -> st
             "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
         )
     notes = [f"- {r.label}: {r.message}" for r in results if r.message]
+    notes += [f"- {r.label}: extrapolated: {r.extrapolated}" for r in results if r.extrapolated]
     if notes:
         lines += ["", *notes]
     return "\n".join(lines)

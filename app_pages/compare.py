@@ -28,6 +28,7 @@ from analysis.images import CropInfo, fit_to_input
 from analysis.reducers import REDUCERS
 from analysis.schedule import parse_schedule
 from analysis.solver import DEFAULT_TOLERANCE_PERCENT, MatchedSchedule, full_gmacs, match_cost
+from analysis.trained_settings import extrapolation
 from app_pages.common import (
     SAMPLES,
     ImageChoice,
@@ -97,6 +98,7 @@ class Column:
     matched: MatchedSchedule | None = None
     timed: TimedRun | None = None
     error: str | None = None
+    extrapolated: str = ""  # why a learned method runs outside its trained settings, or ""
 
     @property
     def letter(self) -> str:
@@ -330,12 +332,15 @@ def run_column(
         if target is not None:
             matched = solve(model, schedule, target)
             schedule = matched.schedule
+        outside = matched.extrapolated if matched is not None else extrapolation(model, schedule)
         timed = cached_run(
             model_key.cache_key(), choice.key, schedule.to_json(), model, choice.image
         )
     except TokenScopeError as error:
         return Column(index, text, matched=matched, error=str(error))
-    return Column(index, text, schedule=schedule, matched=matched, timed=timed)
+    return Column(
+        index, text, schedule=schedule, matched=matched, timed=timed, extrapolated=outside
+    )
 
 
 def solve(model: LoadedModel, schedule: Schedule, target: Target) -> MatchedSchedule:
@@ -457,6 +462,12 @@ def column_status(columns: list[Column]) -> None:
         with cell:
             if column.matched is not None:
                 matched_caption(column.matched)
+            if column.extrapolated:
+                st.warning(
+                    f"**Extrapolated**: {column.extrapolated}; its weights were not trained "
+                    "at this setting.",
+                    icon=":material/warning:",
+                )
             if column.error:
                 st.error(column.error, icon=":material/error:")
 
@@ -1055,6 +1066,7 @@ def column_config(column: Column) -> compare.ColumnConfig:
             "target_gmacs": m.target_gmacs,
             "within_tolerance": m.within_tolerance,
             "message": m.message,
+            "extrapolated": m.extrapolated,
         }
     return compare.ColumnConfig(
         name=column.name,

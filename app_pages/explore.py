@@ -17,8 +17,18 @@ import streamlit as st
 from PIL import Image
 
 from analysis import LoadedModel, Schedule, ScheduleError, TokenScopeError, parse_schedule
+from analysis.curves import Point
 from analysis.images import CropInfo
+from analysis.imagesets import image_set_of
 from analysis.reducers import REDUCERS
+from analysis.sweep import (
+    DEFAULT_BASES,
+    IMAGE_CURVE_METHODS,
+    full_point,
+    image_curves,
+    point_of_run,
+)
+from analysis.sweep_cache import SweepCache
 from app_pages.common import (
     ImageChoice,
     ModelKey,
@@ -32,7 +42,7 @@ from app_pages.common import (
     model_sidebar,
     usable_presets,
 )
-from viz import charts, overlays, summary
+from viz import charts, overlays, summary, tradeoff
 from viz.schedule_table import (
     CUSTOM_PRESET,
     LAYER_COLUMN,
@@ -334,6 +344,44 @@ def cost_charts(view: View) -> None:
     right.plotly_chart(charts.gmacs_chart(reduced_cost, full_cost), key="gmacs_chart")
 
 
+@st.cache_data(show_spinner="Drawing the reference curves for this image…", max_entries=32)
+def cached_image_curves(
+    model_key: tuple[str, str, str], image_key: str, method: str, _model: LoadedModel, _image
+) -> list[Point]:
+    """ToMe and EViT (and the schedule's own method) on this image, cached on disk too."""
+    images = image_set_of([(image_key, _image)])
+    methods = (*IMAGE_CURVE_METHODS, method) if method in DEFAULT_BASES else IMAGE_CURVE_METHODS
+    return image_curves(_model, images, methods, cache=SweepCache())
+
+
+def tradeoff_panel(view: View, model: LoadedModel, model_key: ModelKey, image_key: str) -> None:
+    """Where the current schedule sits against the methods' curves on this image."""
+    reduced, full = view.reduced.result, view.full.result
+    cosine = summary.feature_cosine(full.features, reduced.features)
+    here = point_of_run(reduced.schedule, reduced.gmacs, full.gmacs, [cosine], "feature_cosine")
+    try:
+        curves = cached_image_curves(
+            model_key.cache_key(), image_key, here.method, model, view.original
+        )
+    except TokenScopeError as error:
+        st.info(f"No reference curves for this image: {error}")
+        return
+    figure = tradeoff.mini_tradeoff_figure(
+        curves,
+        "feature_cosine",
+        metric_label="Feature cosine to full",
+        higher_is_better=True,
+        reference=full_point(curves),
+        highlight=here,
+    )
+    st.plotly_chart(figure, key="explore_tradeoff")
+    st.caption(
+        "The black-edged marker is this schedule; the lines are ToMe, EViT and this method "
+        "at 35–100 % of the full cost on this image. The Trade-off page draws them over an "
+        "image set, with accuracy where labels exist."
+    )
+
+
 def filmstrip(view: View) -> None:
     trace = view.reduced.result.trace
     small = overlays.thumbnail(view.image, 16 * max(trace.grid))
@@ -431,6 +479,8 @@ def explore_page() -> None:
     )
     layer_views(view)
     cost_charts(view)
+    with st.expander("Where this schedule sits on the trade-off", expanded=True):
+        tradeoff_panel(view, model, model_key, choice.key)
 
     st.subheader("Model output")
     model_output(view, model)

@@ -278,3 +278,76 @@ def test_uploaded_reducer_weights_are_used_or_refused(tokenscope_cache, tmp_path
     (message,) = sidebar_errors(at)
     assert "junk.safetensors" in message
     assert metric(at, "Feature fidelity") == shipped
+
+
+def open_tradeoff(at: AppTest) -> AppTest:
+    at.switch_page("app_pages/tradeoff.py")
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Trade-off"
+    return at
+
+
+def wait_for_sweep(at: AppTest, timeout: float = 240.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while at.session_state["sweep_job"].snapshot().running:
+        assert time.monotonic() < deadline, "the sweep did not finish in time"
+        time.sleep(0.5)
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+
+
+def test_tradeoff_page_runs_a_small_sweep(tokenscope_cache):
+    at = open_tradeoff(start())
+    at.slider(key="sweep_limit").set_value(2)
+    at.multiselect(key="sweep_methods").set_value(["tome", "patchmerger"])
+    at.number_input(key="sweep_count").set_value(2)
+    at.run()
+    at.button(key="sweep_run").click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    wait_for_sweep(at)
+    state = at.session_state["sweep_job"].snapshot()
+    assert not state.error, state.error
+    methods = [point.method for point in state.points]
+    assert methods[0] == "none" and "tome" in methods and "patchmerger" in methods
+    assert all(point.num_images == 2 for point in state.points)
+    # PatchMerger keeps the token count its weights were trained with.
+    assert all("tokens=8" in p.schedule for p in state.points if p.method == "patchmerger")
+    assert at.get("plotly_chart"), "no trade-off chart"
+    labels = {b.label for b in at.get("download_button")}
+    assert {"Results CSV", "Results JSON", "Sweep configuration"} <= labels
+    # A second run of the same sweep comes from the cache.
+    at.button(key="sweep_run").click()
+    at.run()
+    wait_for_sweep(at)
+    again = at.session_state["sweep_job"].snapshot()
+    assert again.points and all(point.cached for point in again.points)
+
+
+def test_tradeoff_cancel_keeps_finished_points(tokenscope_cache):
+    import time
+
+    at = open_tradeoff(start())
+    at.slider(key="sweep_limit").set_value(3)
+    at.multiselect(key="sweep_methods").set_value(["evit"])
+    at.number_input(key="sweep_count").set_value(8)
+    at.run()
+    at.button(key="sweep_run").click()
+    at.run()
+    job = at.session_state["sweep_job"]
+    deadline = time.monotonic() + 120
+    while len(job.snapshot().points) < 2:  # the full model and one more
+        assert time.monotonic() < deadline and job.snapshot().running
+        time.sleep(0.2)
+    at.button(key="sweep_cancel").click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert job.wait(60)
+    state = job.snapshot()
+    assert state.cancelled and 2 <= len(state.points) < state.planned
+    at.run()
+    assert any("Cancelled" in str(w.value) for w in at.warning)
+    assert at.get("plotly_chart")

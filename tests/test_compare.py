@@ -298,6 +298,23 @@ def test_matched_mode_lands_every_column_on_the_target():
     assert len(summary_frame(at)) == 4  # the closest settings still run
 
 
+def test_matched_mode_keeps_learned_methods_where_their_weights_are_valid():
+    """Issue 10: PatchMerger's weights fix tokens=8, so its layer is solved (no error
+    column); Cropr pushed past the rates it was trained at runs, with a warning."""
+    at = open_compare(
+        compare_count=2,
+        compare_schedule_0="patchmerger:tokens=8@5",
+        compare_schedule_1="cropr:rate=16@0-10",
+        compare_matched=True,
+        compare_target_percent=35.0,
+    )
+    assert not at.error, [e.value for e in at.error]
+    assert "set to `layer=3`" in page_text(at)
+    (warning,) = [w.value for w in at.warning if "Extrapolated" in w.value]
+    assert "Token Cropr rate=" in warning and "trained 8–24" in warning
+    assert list(summary_frame(at)["method"]) == ["A · PatchMerger", "B · Token Cropr"]
+
+
 def test_bad_schedule_in_one_column_leaves_the_others():
     at = open_compare(compare_count=3)
     images_before = len(at.get("image"))

@@ -7,6 +7,7 @@ from run to run. Colormaps are built from plotly's scales (no matplotlib needed)
 
 from __future__ import annotations
 
+import zlib
 from functools import cache
 
 import numpy as np
@@ -14,6 +15,23 @@ import plotly.colors
 
 DROPPED_RGB = (24, 24, 24)
 NEVER_REDUCED_RGB = (225, 225, 225)
+
+# One colour per registered method, so a method looks the same on every chart that colours
+# by method name (trade-off curves now, print figures later). The first six are the Compare
+# page's column palette (viz.compare.METHOD_COLORS), in the same order; ToMe takes the
+# orange that the Explore charts use for "reduced".
+METHOD_PALETTE: dict[str, str] = {
+    "tome": "#e8590c",
+    "evit": "#1c7ed6",
+    "topk": "#2b8a3e",
+    "random": "#ae3ec9",
+    "dtem": "#f59f00",
+    "patchmerger": "#0b7285",
+    "cropr": "#d6336c",
+    "ltm": "#8d5524",
+    "mstm": "#364fc7",
+}
+FULL_MODEL_COLOR = "#9aa0a6"
 
 
 def hash_unit(values: np.ndarray, salt: int = 0) -> np.ndarray:
@@ -72,6 +90,21 @@ def layer_colors(depth: int, name: str = "viridis") -> np.ndarray:
     if depth <= 1:
         return apply_colormap(np.zeros(max(depth, 1)), name)
     return apply_colormap(np.linspace(0.0, 1.0, depth), name)
+
+
+def method_color(method: str) -> str:
+    """The hex colour of a method by registry name; the full model ("none") is grey.
+
+    A name outside the palette gets a palette colour from a CRC32 of the name (not
+    Python's salted ``hash``), so it keeps that colour from run to run.
+    """
+    key = method.strip().lower()
+    if key == "none":
+        return FULL_MODEL_COLOR
+    if key in METHOD_PALETTE:
+        return METHOD_PALETTE[key]
+    palette = list(METHOD_PALETTE.values())
+    return palette[zlib.crc32(key.encode()) % len(palette)]
 
 
 def _to_rgb(color: str) -> tuple[int, int, int]:

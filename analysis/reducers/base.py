@@ -146,6 +146,9 @@ class Reducer(ABC):
     proportional_attention: ClassVar[bool] = False
     description: ClassVar[str] = ""
     strength: ClassVar[str | None] = None  # the parameter that sets how much is reduced
+    # Parameters a learned reducer's trained modules fix (read from each module's ``config``):
+    # the solver and the sweep never move them, only where the method runs.
+    fixed_by_weights: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, **values: Any) -> None:
         self.values: dict[str, Any] = dict(values)

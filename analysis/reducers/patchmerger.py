@@ -55,6 +55,7 @@ class PatchMerger(LearnedReducer, Reducer):
     label: ClassVar[str] = "PatchMerger"
     site: ClassVar[Site] = Site.BETWEEN
     strength: ClassVar[str] = "tokens"
+    fixed_by_weights: ClassVar[tuple[str, ...]] = ("tokens",)  # M queries: one M per module
     module_class: ClassVar[type[nn.Module]] = PatchMergerModule
     description: ClassVar[str] = (
         "Pool the patches into M tokens with M learned queries (once, between blocks)"

@@ -71,7 +71,7 @@ def image_source_inputs(model: LoadedModel) -> ImageSet | None:
     try:
         if source == SAMPLES:
             images = cached_samples()
-            count = st.slider(
+            count = st.number_input(
                 "Sample images to use", 1, len(images), len(images), key="sweep_limit"
             )
             return images if count == len(images) else images.subset(range(count))
@@ -126,7 +126,7 @@ def method_table(
         return []
     rows = []
     for method in chosen:
-        settings = trained_settings(model, method)
+        settings = trained_settings(model, method, DEFAULT_BASES[method])
         rows.append(
             {
                 "Method": tradeoff.method_label(method),

@@ -220,15 +220,16 @@ def tradeoff_page() -> None:
         "set, with 95 % intervals. Points are cached, so a sweep you ran before comes back "
         "at once."
     )
-    saved = spec_upload()
     images = image_source_inputs(model)
     methods, _ = sweep_controls(model)
     metric, x_name, batch = metric_inputs(model, images)
     spec = _spec(model_key, images, methods, batch, x_name)
     if st.button("Run sweep", type="primary", icon=":material/play_arrow:", key="sweep_run"):
         launch(model, images, spec)
-    if saved is not None:
-        run_saved(model, model_key, saved)
+    with st.expander("Reopen a saved sweep", icon=":material/upload_file:"):
+        saved = spec_upload()
+        if saved is not None:
+            run_saved(model, model_key, saved)
     job: SweepJob | None = st.session_state.get("sweep_job")
     if job is None:
         st.info("Choose methods and an image set, then **Run sweep**.")

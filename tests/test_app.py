@@ -73,7 +73,8 @@ def test_default_start_shows_everything(tokenscope_cache):
     assert metric(at, "Feature fidelity")  # the default backbone: cosine to the full model
     assert at.slider(key="layer").value == 11
     assert len(at.get("image")) >= 4  # crop thumbnail, segments, pruned, token depth, ...
-    assert len(at.get("plotly_chart")) >= 2
+    assert len(at.get("plotly_chart")) >= 3  # tokens, GMACs and the trade-off panel
+    assert "Where this schedule sits on the trade-off" in [e.label for e in at.expander]
     labels = [b.label for b in at.get("download_button")]
     assert {"Segments PNG", "Pruned PNG", "Token depth PNG", "Trace JSON"} <= set(labels)
     assert "computes no importance scores" in texts(at)  # ToMe has none
@@ -301,7 +302,7 @@ def wait_for_sweep(at: AppTest, timeout: float = 240.0) -> None:
 
 def test_tradeoff_page_runs_a_small_sweep(tokenscope_cache):
     at = open_tradeoff(start())
-    at.slider(key="sweep_limit").set_value(2)
+    at.number_input(key="sweep_limit").set_value(2)
     at.multiselect(key="sweep_methods").set_value(["tome", "patchmerger"])
     at.number_input(key="sweep_count").set_value(2)
     at.run()
@@ -325,13 +326,41 @@ def test_tradeoff_page_runs_a_small_sweep(tokenscope_cache):
     wait_for_sweep(at)
     again = at.session_state["sweep_job"].snapshot()
     assert again.points and all(point.cached for point in again.points)
+    # The downloaded configuration, uploaded again, reopens the same sweep from the cache.
+    import json
+
+    saved = json.dumps(at.session_state["sweep_spec"].to_dict()).encode()
+    fresh = open_tradeoff(start())
+    fresh.file_uploader(key="sweep_config_upload").upload("sweep.json", saved, "application/json")
+    fresh.run()
+    fresh.button(key="sweep_run_saved").click()
+    fresh.run()
+    wait_for_sweep(fresh)
+    reopened = fresh.session_state["sweep_job"].snapshot()
+    assert [p.schedule for p in reopened.points] == [p.schedule for p in again.points]
+    assert all(point.cached for point in reopened.points)
+
+
+def test_tradeoff_refuses_a_broken_configuration(tokenscope_cache):
+    at = open_tradeoff(start())
+    at.file_uploader(key="sweep_config_upload").upload(
+        "sweep.json", b'{"batch_size": 0}', "application/json"
+    )
+    at.run()
+    assert not at.exception
+    assert any("batch_size" in str(e.value) for e in at.error)
+    at.file_uploader(key="sweep_config_upload").clear().upload(
+        "broken.json", b"not json", "application/json"
+    )
+    at.run()
+    assert any("broken.json is not a JSON file" in str(e.value) for e in at.error)
 
 
 def test_tradeoff_cancel_keeps_finished_points(tokenscope_cache):
     import time
 
     at = open_tradeoff(start())
-    at.slider(key="sweep_limit").set_value(3)
+    at.number_input(key="sweep_limit").set_value(3)
     at.multiselect(key="sweep_methods").set_value(["evit"])
     at.number_input(key="sweep_count").set_value(8)
     at.run()

@@ -170,3 +170,54 @@ def test_upload_shows_overlays_and_charts(app_url: str, tmp_path: Path):
             page.screenshot(path=str(tmp_path / "explore.png"), full_page=True)
         finally:
             browser.close()
+
+
+@pytest.mark.browser
+@pytest.mark.slow
+def test_tradeoff_page_draws_a_curve(app_url: str, tmp_path: Path):
+    """A newcomer's sweep: two sample images, ToMe at three costs; the curve gets drawn."""
+    from playwright.sync_api import sync_playwright
+
+    executable = chromium_path()
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=executable, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": 1500, "height": 1100})
+            page.goto(f"{app_url}/tradeoff", wait_until="domcontentloaded")
+            main = page.locator('[data-testid="stMain"]')
+            main.get_by_text("Run sweep").wait_for(timeout=RUN_TIMEOUT_MS)
+            wait_idle(page)
+            limit = main.locator(".st-key-sweep_limit input")
+            limit.fill("2")  # the first two sample images
+            limit.press("Enter")
+            wait_idle(page)
+            # ToMe only: empty the multiselect with Backspace, then pick ToMe.
+            methods = main.locator(".st-key-sweep_methods input")
+            methods.click()
+            for _ in range(12):
+                methods.press("Backspace")
+            methods.fill("ToMe")
+            methods.press("Enter")
+            page.keyboard.press("Escape")
+            wait_idle(page)
+            assert main.locator(".st-key-sweep_methods").inner_text().count("×") <= 1
+            main.get_by_role("button", name="Run sweep").click()
+            main.get_by_text("Done:", exact=False).wait_for(timeout=RUN_TIMEOUT_MS)
+            wait_idle(page)
+            chart = main.locator(".st-key-tradeoff_chart .js-plotly-plot").last
+            chart.wait_for(timeout=RUN_TIMEOUT_MS)
+            markers = chart.locator(".scatterlayer .trace .points path")
+            assert markers.count() >= 3  # the full model and at least two ToMe points
+            assert page.locator('[data-testid="stException"]').count() == 0
+            chart.screenshot(path=str(tmp_path / "tradeoff.png"))
+            assert main.locator(".st-key-tradeoff_chart").count() == 1
+            # Selecting a ToMe point opens its schedule in Explore.
+            chart.locator(".scatterlayer .trace").filter(
+                has=page.locator("path.point")
+            ).nth(1).locator("path.point").first.click(force=True)
+            main.get_by_text("Merged-token segments").wait_for(timeout=RUN_TIMEOUT_MS)
+            wait_idle(page)
+            text = page.locator(".st-key-schedule_text textarea").input_value()
+            assert text.startswith("tome:r="), text
+        finally:
+            browser.close()

@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from analysis import run
+from analysis import parse_schedule, run
 from analysis.curves import bootstrap
 from analysis.errors import TokenScopeError
 from analysis.imagesets import uploaded_set
@@ -193,3 +193,36 @@ def test_torchrun_two_processes_equal_one(tmp_path):
         assert a["schedule"] == b["schedule"]
         assert a["metrics"] == b["metrics"]
         assert a["num_images"] == b["num_images"] == 7
+
+
+def test_sweep_plans_only_settings_the_learned_weights_accept(default_model):
+    """Every learned method, at targets well outside what it was trained for: each planned
+    schedule binds to the shipped weights, and outside the trained range it says so."""
+    from analysis.engine import attach_weights
+    from analysis.sweep import DEFAULT_BASES
+    from analysis.trained_settings import extrapolation
+
+    methods = [
+        MethodSweep(DEFAULT_BASES[name], targets=(20.0, 35.0, 60.0, 85.0, 100.0))
+        for name in ("dtem", "patchmerger", "cropr", "ltm", "mstm")
+    ]
+    plan = plan_sweep(default_model, methods=methods, include_full=False)
+    assert {p.method for p in plan.points} == {"dtem", "patchmerger", "cropr", "ltm", "mstm"}
+    for point in plan.points:
+        schedule = parse_schedule(point.schedule)
+        attach_weights(schedule.resolve(default_model.facts), default_model)  # never raises
+        assert point.extrapolated == extrapolation(default_model, schedule)
+    merger = [p for p in plan.points if p.method == "patchmerger"]
+    assert len(merger) >= 2 and all("tokens=8@" in p.schedule for p in merger)
+    cropr = {p.schedule: p.extrapolated for p in plan.points if p.method == "cropr"}
+    assert any(reason for reason in cropr.values()) and any(not r for r in cropr.values())
+
+
+def test_throughput_is_measured_for_every_schedule(test_vit, images):
+    from analysis.sweep import measure_throughput
+
+    speeds = measure_throughput(
+        test_vit, images, ["none", "tome:r=5"], batch_size=2, rounds=2, warmup=1
+    )
+    assert set(speeds) == {"none", "tome:r=5"}
+    assert all(speed > 0 for speed in speeds.values())

@@ -173,6 +173,8 @@ def forward(
 
     With ``train`` (an :class:`analysis.learned.TrainContext`) this is the differentiable
     training forward: reducers that define ``reduce_train`` use it, and no trace is built.
+    A reducer's optional ``enter(state)`` runs as its block starts, before the attention
+    (MSTM's multi-scale fusion); it may change the tokens, not their number.
     Reducers with a truthy ``keeps_aside`` (Cropr's last-layer fusion) set their removed
     tokens aside; those come back, as they were, before the final block.
     """
@@ -208,6 +210,10 @@ def forward(
         if layer == last and aside.count:
             x, size = aside.restore(x, size, tracer)
         active = [r for r in (plan.inside, plan.between) if r is not None]
+        for reducer in active:  # changes on entering the block (MSTM's multi-scale fusion)
+            enter = getattr(reducer, "enter", None)
+            if enter is not None:
+                x = enter(TokenState(x, size, num_prefix)).x
         mask = None
         if resolved.proportional_attention and merged_any:
             # Zero-size tokens (PatchMerger outputs no patch chose, DTEM's faded tokens in
@@ -216,7 +222,8 @@ def forward(
             # (which multiplies the attention by the size) does.
             mask = (size + 1e-6).log().to(x.dtype)[:, None, None, :]
         normed = block.norm1(x)
-        attn_out, keys, cls_attn = attend(block.attn, normed, mask, active, num_prefix)
+        asking = [r for r in active if r.reduces(x.shape[1], num_prefix)]  # no-ops ask nothing
+        attn_out, keys, cls_attn = attend(block.attn, normed, mask, asking, num_prefix)
         x = x + block.ls1(attn_out)
         if plan.inside is not None:
             signals = Signals(layer=layer, keys=keys, cls_attn=cls_attn, block_input=normed)

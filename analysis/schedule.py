@@ -1,8 +1,11 @@
 """Schedules: which reducer runs at which layer, with which parameters.
 
 Text form: ``METHOD:key=value,key=value@LAYERS`` parts joined by ``;``. LAYERS is a
-comma list with ranges (``3,6,9``, ``0-5``); with no ``@`` the method runs at every
-layer. ``none`` (or an empty string) is the empty schedule. Layers are 0-based.
+comma list with ranges (``3,6,9``, ``0-5``); with no ``@`` the method runs at its default
+placement, the one its paper uses (``Reducer.default_layers``: every layer for ToMe,
+EViT, Top-K, DTEM and LTM; after block L/2 for PatchMerger; every block but the last for
+Cropr; blocks 4/7/10 of 12 for MSTM). ``none`` (or an empty string) is the empty
+schedule. Layers are 0-based.
 """
 
 from __future__ import annotations
@@ -20,7 +23,15 @@ from analysis.reducers.base import ModelFacts
 class SchedulePart:
     method: str
     params: dict[str, Any] = field(default_factory=dict)  # explicitly given, coerced
-    layers: tuple[int, ...] | None = None  # None: every layer
+    layers: tuple[int, ...] | None = None  # None: the method's default placement
+
+    def layers_for(self, depth: int) -> tuple[int, ...]:
+        """The layers this part runs at in a model of ``depth`` layers (raises ScheduleError
+        for an unknown method or parameter)."""
+        if self.layers is not None:
+            return self.layers
+        cls = reducer_class(self.method)
+        return cls.default_layers(depth, cls.validate_params(self.params))
 
     def to_text(self) -> str:
         text = self.method
@@ -92,7 +103,7 @@ class Schedule:
         wants_proportional = False
         for part in self.parts:
             cls = reducer_class(part.method)
-            layers = part.layers if part.layers is not None else tuple(range(facts.depth))
+            layers = part.layers_for(facts.depth)
             for layer in layers:
                 if layer >= facts.depth:
                     raise ScheduleError(

@@ -320,7 +320,7 @@ def _solve_layer(
         layer: count_macs(facts, at_layer(base, settings, layer).resolve(facts), module).gmacs
         for layer in layers
     }
-    given = [layer for part in base.parts for layer in (part.layers or (0,))]
+    given = [layer for part in base.parts for layer in part.layers_for(facts.depth)]
     near = given[0] if given else 0
     best = min(layers, key=lambda layer: (abs(costs[layer] - target_gmacs), abs(layer - near)))
     across = [
@@ -393,7 +393,7 @@ def _blend_per_layer(
     if not spec.allows_list or other is None or len(base.parts) != 1:
         return value
     part = base.parts[0]
-    num_layers = len(part.layers) if part.layers is not None else facts.depth
+    num_layers = len(part.layers_for(facts.depth))
     high, low = max(value, other), min(value, other)
     candidates = [tuple([high] * k + [low] * (num_layers - k)) for k in range(num_layers + 1)]
     best = min(candidates, key=lambda values: abs(macs(values) - target))

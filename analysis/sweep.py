@@ -42,6 +42,7 @@ from analysis.metrics import (
     per_image_values,
 )
 from analysis.models import LoadedModel
+from analysis.presets import default_bases
 from analysis.schedule import Schedule, parse_schedule
 from analysis.solver import full_gmacs, match_cost, strength_param, with_strength
 from analysis.sweep_cache import SweepCache, make_key, model_fingerprint
@@ -49,20 +50,16 @@ from analysis.sweep_cache import SweepCache, make_key, model_fingerprint
 FULL_SCHEDULE = "none"
 PRECISIONS = ("fp32", "bf16")
 MAX_POINTS = 400  # a plan larger than this is refused: it would run for hours
+# Preprocessed batches kept between points (about 850 images at 224 px); past this the
+# images are decoded again for each point, so memory stays bounded on a shared server.
+PREPROCESSED_BUDGET_BYTES = 512 * 2**20
 
-# One base schedule per method: where it runs and its other parameters. The sweep varies
-# only the strength (or, for PatchMerger, the layer its weights cover).
-DEFAULT_BASES: dict[str, str] = {
-    "tome": "tome:r=8",
-    "evit": "evit:keep=0.7@3,6,9",
-    "topk": "topk:keep=0.7@3,6,9",
-    "random": "random:keep=0.7@3,6,9",
-    "dtem": "dtem:r=8",
-    "patchmerger": "patchmerger:tokens=8@5",
-    "cropr": "cropr:rate=16@0-10",
-    "ltm": "ltm:keep=0.9",
-    "mstm": "mstm:keep=0.5@3,6,9",
-}
+# One base schedule per method: where it runs and its other parameters, from the reducer
+# classes' own declarations (`analysis.presets.base_schedule`: the first paper setting
+# with explicit parameters, else the default placement). The sweep varies only the
+# strength (or, for PatchMerger, the layer its weights cover). Written for 12 layers:
+# "evit:keep=0.7@3,6,9"; those without `@` follow the model's depth.
+DEFAULT_BASES: dict[str, str] = default_bases()
 
 
 def cost_targets(low: float = 35.0, high: float = 100.0, count: int = 8) -> tuple[float, ...]:
@@ -369,6 +366,7 @@ class _Shard:
     batch_size: int
     comm: Comm
     config: Any
+    budget_bytes: int = PREPROCESSED_BUDGET_BYTES
     batches: list[list[int]] = field(default_factory=list)
     tensors: dict[int, torch.Tensor] = field(default_factory=dict)
 
@@ -381,9 +379,14 @@ class _Shard:
         self.batches = every[self.comm.rank :: self.comm.world]
 
     def tensor(self, batch: int) -> torch.Tensor:
-        if batch not in self.tensors:
-            self.tensors[batch] = self.images.batch(self.batches[batch], self.config)
-        return self.tensors[batch]
+        """The batch, preprocessed; kept for the next point while the budget allows."""
+        if batch in self.tensors:
+            return self.tensors[batch]
+        tensor = self.images.batch(self.batches[batch], self.config)
+        held = sum(t.numel() * t.element_size() for t in self.tensors.values())
+        if held + tensor.numel() * tensor.element_size() <= self.budget_bytes:
+            self.tensors[batch] = tensor
+        return tensor
 
     @property
     def indices(self) -> list[int]:
@@ -445,14 +448,13 @@ class SweepContext:
 
 def default_metrics(model: LoadedModel, images: ImageSet) -> tuple[str, ...]:
     """Every metric the model and image set allow, accuracy first."""
-    return tuple(
-        available_metrics(
-            is_classifier=model.is_classifier,
-            has_labels=images.labels is not None,
-            labels_are_model_classes=images.label_kind == "model-classes",
-            has_bank=images.bank is not None,
-        )
+    allowed = available_metrics(
+        is_classifier=model.is_classifier,
+        has_labels=images.labels is not None,
+        labels_are_model_classes=images.label_kind == "model-classes",
+        has_bank=images.bank is not None,
     )
+    return tuple(sorted(allowed, key=lambda name: not METRICS[name].needs_labels))
 
 
 def check_metrics(model: LoadedModel, images: ImageSet, metrics: Sequence[str]) -> tuple[str, ...]:
@@ -489,13 +491,15 @@ def run_sweep(
     comm: Comm | None = None,
     should_stop: Callable[[], bool] | None = None,
     on_images: Callable[[int], None] | None = None,
+    keep_preprocessed_bytes: int = PREPROCESSED_BUDGET_BYTES,
 ) -> Iterator[Point]:
     """Yield one :class:`Point` per planned schedule, in plan order.
 
     Cached points come back at once (``cached=True``). ``should_stop`` is asked before
     every batch; when it says yes the point in flight is dropped and the generator ends,
     keeping every finished point in the cache. ``on_images(n)`` is called after each
-    batch of n images (for progress bars). Under torchrun only rank 0 yields.
+    batch of n images (for progress bars). Preprocessed images are kept between points up
+    to ``keep_preprocessed_bytes`` per process. Under torchrun only rank 0 yields.
     """
     if precision not in PRECISIONS:
         raise TokenScopeError(f"precision must be one of {', '.join(PRECISIONS)}")
@@ -507,7 +511,7 @@ def run_sweep(
         images=images,
         metrics=check_metrics(model, images, metrics),
         precision=precision,
-        shard=_Shard(images, batch_size, comm, model.data_config),
+        shard=_Shard(images, batch_size, comm, model.data_config, keep_preprocessed_bytes),
         cache=cache,
         comm=comm,
     )

@@ -24,6 +24,10 @@ from typing import Any, TextIO
 
 from analysis.errors import TokenScopeError
 
+# The command line runs on the user's own machine: keep up to 4 GiB of preprocessed images
+# between points (about 7,000 at 224 px), so a GPU is not left waiting on decoding.
+CLI_PREPROCESSED_BYTES = 4 * 2**30
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -215,6 +219,7 @@ def execute(spec: Any, comm: Any, *, cache: bool = True, quiet: bool = False) ->
         cache=SweepCache() if cache else None,
         comm=comm,
         on_images=progress.advance,
+        keep_preprocessed_bytes=CLI_PREPROCESSED_BYTES,
     ):
         points.append(point)
         progress.point_done(point, metrics[0])

@@ -353,8 +353,9 @@ def check_schedule(text: str, model: LoadedModel) -> Schedule:
 
 
 def usable_presets(model: LoadedModel) -> dict[str, str]:
+    """The presets (solved once per model, in `analysis.presets`) that this model can run."""
     found = {}
-    for title, text in presets(model.facts.depth).items():
+    for title, text in presets(model).items():
         try:
             check_schedule(text, model)
         except ScheduleError:

@@ -25,6 +25,7 @@ from analysis import LoadedModel, RunResult, Schedule, ScheduleError, TokenScope
 from analysis.agreement import METRICS, agreement_matrix, agreement_over_layers
 from analysis.flops import count_macs
 from analysis.images import CropInfo, fit_to_input
+from analysis.presets import MATCHED_PERCENTS
 from analysis.reducers import REDUCERS
 from analysis.schedule import parse_schedule
 from analysis.solver import DEFAULT_TOLERANCE_PERCENT, MatchedSchedule, full_gmacs, match_cost
@@ -52,6 +53,7 @@ LETTERS = "ABCD"
 COLUMN_CHOICES = (2, 3, 4)
 DEFAULT_COLUMNS = 3
 DEFAULT_TARGET_PERCENT = 65.0
+DEFAULT_COST = MATCHED_PERCENTS[0] / 100  # the columns open on the 75 % matched presets
 DEFAULT_SET_SIZE = 4
 GRID_CELL = 176
 SCHEDULE_HELP = (
@@ -219,8 +221,9 @@ def comparison_controls(full: float) -> tuple[int, Target | None]:
 
 def default_texts(model: LoadedModel, choices: dict[str, str]) -> list[str]:
     """A schedule per method, in registry order: each method's preset whose analytic
-    cost is nearest 70 % of the full model, so that the defaults start comparable. The
-    first column takes the Explore page's schedule when there is a valid one."""
+    cost is nearest 75 % of the full model (its cost-matched preset where it has one), so
+    that the defaults start comparable. The first column takes the Explore page's
+    schedule when there is a valid one."""
     facts = model.facts
     full = full_gmacs(facts, model.module)
     nearest: dict[str, tuple[float, str]] = {}
@@ -229,7 +232,7 @@ def default_texts(model: LoadedModel, choices: dict[str, str]) -> list[str]:
         if schedule.is_empty or len(schedule.methods()) != 1:
             continue
         cost = count_macs(facts, schedule.resolve(facts), model.module).gmacs
-        distance = abs(cost / full - 0.7)
+        distance = abs(cost / full - DEFAULT_COST)
         method = schedule.methods()[0]
         if method not in nearest or distance < nearest[method][0]:
             nearest[method] = (distance, text)

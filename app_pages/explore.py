@@ -58,7 +58,9 @@ DOWNLOAD_MAX_SIDE = 2048
 PAGE_WIDGETS = ("schedule_text", "schedule_preset", "layer", "segment_mode", "segment_boundaries")
 SCHEDULE_HELP = (
     "`METHOD:key=value,…@LAYERS` parts joined by `;`. Layers are 0-based: `3,6,9` or `0-5`; "
-    "no `@` means every layer. Examples: `tome:r=8`, `evit:keep=0.7@3,6,9`, "
+    "no `@` means the method's default placement ("
+    + "; ".join(f"{cls.label}: {cls.placement}" for cls in REDUCERS.values())
+    + "). Examples: `tome:r=8`, `evit:keep=0.7@3,6,9`, `patchmerger:tokens=8`, "
     "`tome:r=[16,12,8]`, `none`."
 )
 

@@ -97,7 +97,9 @@ def test_valid_and_invalid_schedules(tokenscope_cache):
     at.text_area(key="schedule_text").input("evit:keep=0.7@3,6,9").run()
     assert not at.exception and not sidebar_errors(at)
     assert float(metric(at, "GMACs")) == pytest.approx(3.99, abs=0.01)
-    assert at.selectbox(key="schedule_preset").value == "EViT keep=0.7, at layers 3/6/9"
+    assert at.selectbox(key="schedule_preset").value == (
+        "EViT keep=0.7, at layers 3/6/9 (paper: DeiT-S 3.0 G), 65 % of full"
+    )
     at.slider(key="layer").set_value(3).run()
     assert "Importance scores used at layer 3" in texts(at)
     assert "Heatmap PNG" in [b.label for b in at.get("download_button")]
@@ -118,7 +120,8 @@ def test_valid_and_invalid_schedules(tokenscope_cache):
 
 def test_preset_rewrites_the_text(tokenscope_cache):
     at = start()
-    at.selectbox(key="schedule_preset").set_value("Top-K keep=0.7, at layers 3/6/9").run()
+    title = "Top-K keep=0.7, at layers 3/6/9 (Haurum et al.: EViT's stages), 65 % of full"
+    at.selectbox(key="schedule_preset").set_value(title).run()
     assert at.text_area(key="schedule_text").value == "topk@3,6,9"
     assert not sidebar_errors(at)
     at.selectbox(key="schedule_preset").set_value("None (full model)").run()

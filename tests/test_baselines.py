@@ -187,3 +187,18 @@ def test_scores_recorded_for_attention_methods_only():
     assert evit.layers[1].scores is not None and evit.layers[0].scores is None
     assert torch.isfinite(evit.layers[1].scores).all()
     assert run(model, images, "tome:r=2").trace.layers[0].scores is None
+
+
+def test_evit_dropping_a_single_patch_still_fuses_it(test_vit):
+    """One patch dropped and fused keeps the token count the same: EViT must still run
+    (and get its CLS attention), not be taken for a no-op."""
+    from analysis import run
+
+    images = torch.randn(1, 3, *test_vit.module.patch_embed.img_size)
+    patches = test_vit.facts.num_patches
+    keep = (patches - 1) / patches
+    result = run(test_vit, images, f"evit:keep={keep}@0")
+    assert result.tokens[0] == test_vit.facts.num_patches + test_vit.facts.num_prefix
+    full = run(test_vit, images, "none")
+    assert not torch.allclose(result.features, full.features)
+    assert (result.trace.layers[0].owner >= 0).all()  # the dropped patch lives on, fused

@@ -98,3 +98,41 @@ def test_class_token_methods_refused_without_cls():
     with pytest.raises(ScheduleError, match="no class token"):
         parse_schedule("evit:keep=0.7@3").resolve(facts)
     parse_schedule("tome:r=4").resolve(facts)  # ToMe needs no CLS
+
+
+def placed(text: str, facts: ModelFacts = FACTS) -> list[int]:
+    """The layers at which a one-method schedule runs."""
+    return [layer for layer, _ in parse_schedule(text).resolve(facts).reducers()]
+
+
+SHALLOW = ModelFacts("tiny", 4, 192, 3, 1, True, 16, 768)
+
+
+@pytest.mark.parametrize(
+    ("text", "deep", "shallow"),
+    [
+        # the paper placements, followed by the depth (12 layers; 4 layers)
+        ("patchmerger:tokens=8", [5], [1]),  # once, after block L/2
+        ("cropr:rate=8", list(range(11)), [0, 1, 2]),  # every block but the last
+        ("cropr:rate=8,llf=1", list(range(10)), [0, 1]),  # but the last two with LLF
+        ("mstm:keep=0.7", [3, 6, 9], [1, 2, 3]),  # EViT's stages
+        # every layer: ToMe's placement, and the old meaning kept for these methods
+        ("tome:r=8", list(range(12)), list(range(4))),
+        ("evit:keep=0.7", list(range(12)), list(range(4))),
+        ("dtem:r=8", list(range(12)), list(range(4))),
+        ("ltm", list(range(12)), list(range(4))),
+    ],
+)
+def test_a_part_without_layers_runs_at_the_default_placement(text, deep, shallow):
+    assert placed(text) == deep
+    assert placed(text, SHALLOW) == shallow
+    assert parse_schedule(text).parts[0].layers_for(12) == tuple(deep)
+    assert parse_schedule(text).to_text() == text  # the text keeps saying "default"
+    explicit = f"{text}@{','.join(str(layer) for layer in deep)}"
+    assert placed(explicit) == deep  # an explicit `@` is never moved
+
+
+def test_cropr_defaults_mark_the_first_module():
+    resolved = parse_schedule("cropr").resolve(FACTS)
+    firsts = [reducer.values["first"] for _, reducer in resolved.reducers()]
+    assert firsts == [True] + [False] * 10

@@ -23,6 +23,7 @@ SCHEDULES = {
     "cropr-llf": "cropr:rate=2,llf=1@0-1",
     "cropr": "cropr:rate=2,llf=0@0-2",
     "ltm": "ltm:keep=0.8",
+    "ltm-discard": "ltm:keep=0.7,discard=0.5@0,2",
     "mstm": "mstm:keep=0.5@1,2",
     "mstm-ms": "mstm:keep=0.5,ms=1@1,2",
 }
@@ -211,6 +212,105 @@ def test_mstm_multiscale_starts_as_the_core_and_changes_with_weights():
     other = attach(model, [LearnedWeights("mstm", {1: changed})])
     moved = run(other, images, "mstm:keep=0.5,ms=1@1,2")
     assert not torch.allclose(core.features, moved.features, atol=1e-4)
+
+
+def test_mstm_fusion_is_seen_by_the_attention_of_its_block():
+    """The coarse features are added as the first block of the part starts, before its
+    attention, so the CLS attention that picks the crucial tokens there already sees them
+    (the paper fuses before pruning)."""
+    from analysis.reducers.base import LearnedWeights
+
+    model = learned(tiny("vit_small_patch16_224"), "mstm:keep=0.5,ms=1@1,2")
+    images = torch.randn(2, 3, 64, 64)
+    core = run(model, images, "mstm:keep=0.5@1,2")
+    module = model.learned["mstm"].modules[1]
+    changed = type(module)(**module.config)
+    nn.init.normal_(changed.proj.weight, std=0.5)
+    other = attach(model, [LearnedWeights("mstm", {1: changed})])
+    fused = run(other, images, "mstm:keep=0.5,ms=1@1,2")
+    assert not torch.allclose(core.trace.layers[1].scores, fused.trace.layers[1].scores)
+    assert torch.equal(core.trace.layers[0].owner, fused.trace.layers[0].owner)
+
+
+def ltm_case(keep: float, discard: float, seed: int = 0):
+    """An LTM reducer with a random score head, its input state and its mask's parts."""
+    from analysis.reducers.base import LearnedWeights, Signals, TokenState
+    from analysis.reducers.ltm import LTM, LTMMask
+    from analysis.reducers.topk import kept_patches
+
+    torch.manual_seed(seed)
+    dim, patches = 32, 16
+    module = LTMMask(dim)
+    nn.init.normal_(module.score.weight, std=0.3)
+    nn.init.normal_(module.size_weight, std=1.0)
+    reducer = LTM(keep=keep, discard=discard)
+    reducer.bind(LearnedWeights("ltm", {0: module}), 0)
+    x = torch.randn(2, 1 + patches, dim)
+    size = torch.cat([torch.ones(2, 1), torch.randint(1, 4, (2, patches)).float()], dim=1)
+    state = TokenState(x, size, 1)
+    count = kept_patches(keep, patches)
+    with torch.no_grad():
+        scores, targets, logits = module(x[:, 1:], size[:, 1:], count)
+        reduction = reducer.reduce(state, Signals(layer=0))
+    return state, reduction, scores, targets, logits
+
+
+def dense_merge(state, scores, targets, logits, kept):
+    """The paper's block as written: Gᵀ Z with a one-hot G (a target keeps itself), each
+    column weighted by size · exp(score); rows of dropped tokens empty."""
+    keep = targets.shape[1]
+    mask = torch.nn.functional.one_hot(logits.argmax(dim=-1), keep).float()
+    rows = targets.unsqueeze(-1).expand(-1, -1, keep)
+    mask = mask.scatter(1, rows, torch.eye(keep).expand(targets.shape[0], -1, -1))
+    mask = mask * kept.unsqueeze(-1)
+    size = state.size[:, 1:]
+    weight = mask * (size * (scores - scores.max(dim=1, keepdim=True).values).exp()).unsqueeze(-1)
+    merged = weight.transpose(-1, -2) @ state.x[:, 1:] / weight.sum(dim=1).unsqueeze(-1)
+    return merged, (mask * size.unsqueeze(-1)).sum(dim=1)
+
+
+def test_ltm_hard_merge_is_the_one_hot_mask_product():
+    """Inference merges with a scatter (no N×N′ product to count); same numbers."""
+    state, reduction, scores, targets, logits = ltm_case(keep=0.5, discard=0.0)
+    assert torch.all(reduction.token_map >= 0)  # without `discard` no token is dropped
+    merged, size = dense_merge(state, scores, targets, logits, torch.ones_like(scores))
+    torch.testing.assert_close(reduction.x[:, 1:], merged)
+    torch.testing.assert_close(reduction.size[:, 1:], size)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_ltm_discard_drops_the_tokens_that_fit_no_target(seed):
+    """The figure's variant: ⌊0.5·(16 − 8)⌋ = 4 non-target rows are empty, those whose
+    best logit is lowest; they are dropped, not merged, and the token count is unchanged."""
+    state, reduction, scores, targets, logits = ltm_case(keep=0.5, discard=0.5, seed=seed)
+    dropped = reduction.token_map[:, 1:] < 0
+    best = logits.amax(dim=-1).scatter(1, targets, torch.inf)
+    expected = torch.zeros_like(dropped).scatter(1, best.topk(4, largest=False).indices, True)
+    assert torch.equal(dropped, expected)
+    assert not dropped.gather(1, targets).any()  # a target is never dropped
+    assert reduction.x.shape[1] == 1 + 8
+    merged, size = dense_merge(state, scores, targets, logits, (~dropped).float())
+    torch.testing.assert_close(reduction.x[:, 1:], merged)
+    torch.testing.assert_close(reduction.size[:, 1:], size)
+    kept_size = state.size[:, 1:].masked_fill(dropped, 0).sum(dim=1)
+    torch.testing.assert_close(reduction.size[:, 1:].sum(dim=1), kept_size)
+
+
+def test_cropr_auxiliary_parts_start_as_the_official_code():
+    """The official model runs timm's ViT init after building its Cropr modules: every
+    Linear of the auxiliary MLP and head is truncated normal (std 0.02) with a zero bias,
+    and the query is truncated normal with std D^-½, cut at two std."""
+    from analysis.reducers.cropr import CroprModule
+
+    torch.manual_seed(0)
+    dim = 256
+    module = CroprModule(dim, aux_out=100)
+    for linear in (module.aux.mlp[0], module.aux.mlp[2], module.aux.head):
+        assert torch.count_nonzero(linear.bias) == 0
+        assert linear.weight.std().item() == pytest.approx(0.02, rel=0.03)
+    assert module.query.std().item() == pytest.approx(dim**-0.5, rel=0.15)
+    assert module.query.abs().max().item() <= 2 * dim**-0.5
+    assert module.aux.mlp_norm.eps == 1e-6 and module.aux.head_norm.eps == 1e-5
 
 
 def test_ltm_scores_feed_the_heatmap():

@@ -155,7 +155,9 @@ def test_unreachable_target_is_reported(deit_small, percent):
         assert result.value == 0.01 and result.gmacs == pytest.approx(low)
         assert "below" in result.message
     else:
-        assert result.gmacs == pytest.approx(high)
+        # keep=0.99 drops one patch per stage and fuses it: the same token count as the
+        # full model plus EViT's CLS row, the most this schedule can cost.
+        assert result.gmacs == pytest.approx(high, rel=1e-4) and result.gmacs >= high
         assert "above" in result.message
 
 

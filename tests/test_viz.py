@@ -306,6 +306,9 @@ ROUND_TRIPS = [
     "evit:keep=0.7@3,6,9",
     "evit:keep=0.5,fuse=0@2;topk:keep=0.8@5",
     "random:keep=0.5,seed=3@1-4;tome:r=2@6-11",
+    "patchmerger:tokens=8",
+    "cropr:rate=8;mstm:keep=0.5",
+    "cropr:rate=4,llf=1;ltm:keep=0.9@0-3",
 ]
 
 
@@ -343,16 +346,42 @@ def test_presets_cover_every_registered_method():
     found = schedule_table.presets(12)
     assert found[schedule_table.NONE_PRESET] == "none"
     for cls in REDUCERS.values():
-        assert cls.name in found.values()
-        assert f"{cls.name}@3,6,9" in found.values()
+        assert cls.name in found.values()  # the method at its default placement
     match = schedule_table.matching_preset
-    assert match(" tome ", found, 12) == "ToMe r=8, all layers"
-    assert match("tome:r=8@0-11", found, 12) == "ToMe r=8, all layers"
-    assert match("evit:keep=0.7,fuse=1@3,6,9", found, 12) == "EViT keep=0.7, at layers 3/6/9"
+    tome = "ToMe r=8, all layers (default; paper: DeiT-S 3.4 G)"
+    assert match(" tome ", found, 12) == tome
+    assert match("tome:r=8@0-11", found, 12) == tome
+    evit = "EViT keep=0.7, at layers 3/6/9 (paper: DeiT-S 3.0 G)"
+    assert match("evit:keep=0.7,fuse=1@3,6,9", found, 12) == evit
+    # the paper placements: PatchMerger after block L/2, Cropr all but the last, MSTM 3/6/9
+    merger = "PatchMerger tokens=8, at layer 5 (default; paper: M=8 after block L/2)"
+    assert match("patchmerger:tokens=8@5", found, 12) == merger
+    assert match("cropr:rate=8@0-10", found, 12).startswith("Token Cropr rate=8, at layers 0–10")
+    assert match("mstm:keep=0.7@3,6,9", found, 12) == "MSTM keep=0.7, at layers 3/6/9 (default)"
+    assert match("patchmerger:tokens=8@6", found, 12) == schedule_table.CUSTOM_PRESET
     assert match("tome:r=3", found, 12) == schedule_table.CUSTOM_PRESET
     assert match("broken", found, 12) == schedule_table.CUSTOM_PRESET
     help_rows = schedule_table.method_help()
     assert {row["parameter"] for row in help_rows} >= {"r", "keep"}
+
+
+def test_editor_writes_a_default_placement_without_layers():
+    """A method at its paper placement is written without `@`, anywhere else with it."""
+    for text, depth, expected in [
+        ("patchmerger:tokens=8@5", 12, "patchmerger"),
+        ("patchmerger:tokens=8@1", 4, "patchmerger"),
+        ("patchmerger:tokens=8@6", 12, "patchmerger@6"),
+        ("cropr:rate=8@0-10", 12, "cropr"),
+        ("cropr:rate=8,llf=1@0-9", 12, "cropr:llf=1"),
+        ("cropr:rate=8,llf=1@0-10", 12, "cropr:llf=1@0-10"),
+        ("mstm:keep=0.5@3,6,9", 12, "mstm:keep=0.5"),
+        ("mstm:keep=0.5@0-11", 12, "mstm:keep=0.5@0-11"),
+        ("tome:r=8@0-11", 12, "tome"),
+    ]:
+        assert schedule_table.canonical_text(text, depth) == expected, text
+        rows = schedule_table.schedule_to_rows(parse_schedule(expected), depth)
+        again = schedule_table.rows_to_schedule(rows, depth).to_text()
+        assert schedule_table.canonical_text(again, depth) == expected
 
 
 class _Dummy(Reducer):
@@ -371,7 +400,7 @@ class _Dummy(Reducer):
 
 def test_a_newly_registered_method_appears_without_app_changes(monkeypatch):
     monkeypatch.setitem(REDUCERS, "dummy", _Dummy)
-    assert "Dummy strength=0.5, all layers" in schedule_table.presets(12)
+    assert "Dummy strength=0.5, all layers (default)" in schedule_table.presets(12)
     columns = schedule_table.editor_columns()
     assert [c.site for c in columns] == [Site.INSIDE, Site.BETWEEN]
     assert "Dummy" in columns[1].options and "Dummy" not in columns[0].options

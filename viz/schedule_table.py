@@ -1,24 +1,28 @@
 """A schedule as a table with a row per layer, and presets, for the per-layer editor.
 
 Everything here is read off the reducer registry (names, labels, sites, parameters with
-their defaults), so a newly registered method appears in the editor and the presets
-without any change to this file.
+their defaults, default placements and paper settings), so a newly registered method
+appears in the editor and the presets without any change to this file.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from analysis.errors import ScheduleError
+from analysis.presets import NONE_TITLE, layout_presets, model_presets
 from analysis.reducers import REDUCERS, Reducer, Site, reducer_class
 from analysis.schedule import Schedule, SchedulePart, parse_schedule
 from analysis.schedule import parse_params as parse_schedule_params
 
+if TYPE_CHECKING:
+    from analysis.models import LoadedModel
+
 NO_METHOD = "—"
 LAYER_COLUMN = "layer"
-NONE_PRESET = "None (full model)"
+NONE_PRESET = NONE_TITLE
 CUSTOM_PRESET = "Custom"
 
 
@@ -83,8 +87,7 @@ def schedule_to_rows(schedule: Schedule, depth: int) -> list[dict[str, Any]]:
     by_site = {column.site: column for column in columns}
     for part in schedule.parts:
         cls = reducer_class(part.method)
-        covered = range(depth) if part.layers is None else part.layers
-        layers = [layer for layer in covered if layer < depth]
+        layers = [layer for layer in part.layers_for(depth) if layer < depth]
         if not layers:
             continue
         per_layer = cls.expand(cls.validate_params(part.params), len(layers))
@@ -125,7 +128,7 @@ def rows_to_schedule(
     parts: list[SchedulePart] = []
     for name, by_layer in per_method.items():
         parts.extend(_method_parts(reducer_class(name), by_layer, depth))
-    parts.sort(key=lambda part: (part.layers or (0,))[0])
+    parts.sort(key=lambda part: min(part.layers_for(depth), default=0))
     return Schedule(parts=tuple(parts), proportional_attention=proportional_attention)
 
 
@@ -134,9 +137,11 @@ def _method_parts(
 ) -> list[SchedulePart]:
     layers = sorted(by_layer)
     wanted = [by_layer[layer] for layer in layers]
-    covered = None if layers == list(range(depth)) else tuple(layers)
     for params in _candidate_params(cls, wanted):
         if _expands_to(cls, params, wanted):
+            # Written without `@` when the layers are the method's default placement.
+            placed = cls.default_layers(depth, cls.validate_params(params))
+            covered = None if tuple(layers) == placed else tuple(layers)
             return [SchedulePart(cls.name, params, covered)]
     groups: dict[tuple, list[int]] = {}
     for layer in layers:
@@ -197,19 +202,12 @@ def _key(values: dict[str, Any]) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
 
 
-def presets(depth: int) -> dict[str, str]:
-    """Preset schedules by title: none, then each method at every layer and at three
-    evenly spread layers (3/6/9 for a 12-layer model), with its default parameters."""
-    spread = sorted({depth // 4, depth // 2, (3 * depth) // 4} - {0}) if depth >= 4 else []
-    found = {NONE_PRESET: "none"}
-    for cls in REDUCERS.values():
-        knob = cls.params[0] if cls.params else None
-        title = cls.label + (f" {knob.name}={_format_value(knob.default)}" if knob else "")
-        found[f"{title}, all layers"] = cls.name
-        if spread:
-            at = ",".join(str(layer) for layer in spread)
-            found[f"{title}, at layers {'/'.join(str(v) for v in spread)}"] = f"{cls.name}@{at}"
-    return found
+def presets(model: LoadedModel | int) -> dict[str, str]:
+    """Preset schedules by title (:mod:`analysis.presets`): none, then per method its
+    default, its paper settings and, given a model, its matches at 75 % and 50 % of the
+    full model's cost. With only a depth, the presets that need no cost."""
+    found = layout_presets(model) if isinstance(model, int) else model_presets(model)
+    return {preset.title: preset.schedule for preset in found}
 
 
 def canonical_text(text: str, depth: int) -> str:

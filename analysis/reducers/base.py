@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any, ClassVar
@@ -75,6 +76,34 @@ class Param:
                     f"{method}: {self.name}={coerced} is above its range [{self.low}, {self.high}]"
                 )
         return coerced
+
+
+def every_layer(depth: int) -> tuple[int, ...]:
+    """All layers: ToMe's placement (and the meaning of a schedule part without ``@``)."""
+    return tuple(range(depth))
+
+
+def stage_layers(depth: int) -> tuple[int, ...]:
+    """EViT's three stages: blocks 4/7/10 of 12 (0-based 3, 6, 9), i.e. depth/4, depth/2
+    and 3·depth/4 for other depths (fewer when they coincide in a shallow model)."""
+    return tuple(sorted({depth // 4, depth // 2, (3 * depth) // 4}))
+
+
+@dataclass(frozen=True)
+class PaperSetting:
+    """A setting taken from a method's paper or official code, offered as a preset.
+
+    Either explicit parameters, run at ``layers`` (a function of the depth; None: the
+    method's default placement), or a cost point: ``percent`` of the full model's GMACs,
+    for which the strength is solved on each model (LTM's paper gives only its cost).
+    ``note`` is the short label shown in the preset's title; docs/methods.md cites where
+    each number comes from.
+    """
+
+    note: str
+    params: dict[str, Any] = field(default_factory=dict, hash=False)
+    layers: Callable[[int], tuple[int, ...]] | None = None
+    percent: float | None = None
 
 
 @dataclass
@@ -149,6 +178,10 @@ class Reducer(ABC):
     # Parameters a learned reducer's trained modules fix (read from each module's ``config``):
     # the solver and the sweep never move them, only where the method runs.
     fixed_by_weights: ClassVar[tuple[str, ...]] = ()
+    # Where the method runs when a schedule part has no ``@`` (see ``default_layers``), in
+    # words for the docs and the app, and its paper's settings, offered as presets.
+    placement: ClassVar[str] = "every block"
+    paper_settings: ClassVar[tuple[PaperSetting, ...]] = ()
 
     def __init__(self, **values: Any) -> None:
         self.values: dict[str, Any] = dict(values)
@@ -174,6 +207,13 @@ class Reducer(ABC):
         return values
 
     @classmethod
+    def default_layers(cls, depth: int, values: dict[str, Any]) -> tuple[int, ...]:
+        """Where the method runs when its schedule part gives no layers: its paper's
+        placement (every block unless a subclass says otherwise). ``values`` are the
+        part's validated parameters (Cropr's last-layer fusion moves its last module)."""
+        return every_layer(depth)
+
+    @classmethod
     def expand(cls, values: dict[str, Any], num_layers: int) -> list[dict[str, Any]]:
         """Per-layer parameter values for a part that covers ``num_layers`` layers."""
         return [dict(values) for _ in range(num_layers)]
@@ -188,6 +228,11 @@ class Reducer(ABC):
     @abstractmethod
     def output_tokens(self, num_tokens: int, num_prefix: int) -> int:
         """How many tokens leave this reducer, without running it (for analytic FLOPs)."""
+
+    def reduces(self, num_tokens: int, num_prefix: int) -> bool:
+        """Whether it changes ``num_tokens`` tokens. The engine computes a reducer's
+        signals (the CLS attention row) only when it does, so a no-op costs nothing."""
+        return self.output_tokens(num_tokens, num_prefix) != num_tokens
 
     def own_macs(self, num_tokens: int, facts: ModelFacts) -> int:
         """Multiply-adds the reducer itself spends on ``num_tokens`` input tokens."""

@@ -21,6 +21,7 @@ from analysis.errors import ScheduleError
 from analysis.learned import LearnedReducer, TrainContext
 from analysis.reducers.base import (
     ModelFacts,
+    PaperSetting,
     Param,
     Reduction,
     Signals,
@@ -112,6 +113,10 @@ class DTEM(LearnedReducer, ToMe):
         Param("k2", int, 3, 1, 64, "training only: candidates kept per A token"),
         Param("tau1", float, 0.1, 0.001, 10.0, "training only: similarity temperature"),
         Param("tau2", float, 0.1, 0.001, 10.0, "training only: soft top-r temperature"),
+    )
+    paper_settings: ClassVar[tuple[PaperSetting, ...]] = (
+        PaperSetting("official: r=16", {"r": 16}),
+        PaperSetting("paper: DeiT-S at −37.2 % FLOPs", percent=62.8),
     )
 
     @classmethod

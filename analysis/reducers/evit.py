@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from analysis.reducers.base import (
+    PaperSetting,
     Param,
     Reduction,
     Signals,
@@ -17,6 +18,7 @@ from analysis.reducers.base import (
     identity_reduction,
     prefix_indices,
     select_tokens,
+    stage_layers,
     topk_patch_indices,
 )
 from analysis.reducers.topk import TopK, _pad_prefix, kept_patches
@@ -30,6 +32,10 @@ class EViT(TopK):
         Param("keep", float, 0.7, 0.01, 1.0, "fraction of patch tokens kept"),
         Param("fuse", bool, True, help="fuse the dropped tokens into one extra token"),
     )
+    paper_settings = (
+        PaperSetting("paper: DeiT-S 3.0 G", {"keep": 0.7}, stage_layers),
+        PaperSetting("paper: DeiT-S 2.3 G", {"keep": 0.5}, stage_layers),
+    )
 
     def output_tokens(self, num_tokens: int, num_prefix: int) -> int:
         patches = num_tokens - num_prefix
@@ -40,11 +46,11 @@ class EViT(TopK):
     def reduce(self, state: TokenState, signals: Signals) -> Reduction:
         if not self.values["fuse"]:
             return super().reduce(state, signals)
-        assert signals.cls_attn is not None
         patches = state.num_tokens - state.num_prefix
         keep = kept_patches(self.values["keep"], patches)
         if keep == patches:
             return identity_reduction(state)
+        assert signals.cls_attn is not None
         kept = topk_patch_indices(signals.cls_attn, keep, state.num_prefix)
         keep_idx = torch.cat([prefix_indices(state), kept], dim=1)
         scores = _pad_prefix(signals.cls_attn, state)

@@ -17,7 +17,13 @@ choice is listed in docs/methods.md):
   importance- and size-weighted average (so the mask's values, not only its pattern, are
   learned); its size is ``Σ_i G_ij · size_i``, the number of patches it stands for.
 * Training uses G soft (τ starts at 0.02, so soft rows are close to their argmax);
-  inference makes each row hard. The module has D + 4 parameters plus its LayerNorm's 2D.
+  inference makes each row hard, and merges with a scatter (no dense N×N′ product). The
+  module has D + 4 parameters plus its LayerNorm's 2D.
+* ``discard`` (default 0) is the paper figure's variant, whose binary mask has empty rows:
+  that fraction of the non-target tokens, those whose best row logit is lowest (the
+  tokens that fit no target), gets an empty row and is dropped rather than merged.
+* Default: every block (the paper replaces every block) at keep 0.968, the per-block
+  ratio that puts ViT-S/16 at the paper's cost point (3.7 of 4.3 GFLOPs, 86 %).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from torch import Tensor, nn
 from analysis.learned import LearnedReducer, TrainContext
 from analysis.reducers.base import (
     ModelFacts,
+    PaperSetting,
     Param,
     Reducer,
     Reduction,
@@ -86,7 +93,19 @@ class LTM(LearnedReducer, Reducer):
         "Merge N tokens into keep·N with a learned merging mask (needs trained weights)"
     )
     params: ClassVar[tuple[Param, ...]] = (
-        Param("keep", float, 0.9, 0.01, 1.0, "compression ratio N′/N of the patch tokens"),
+        Param("keep", float, 0.968, 0.01, 1.0, "compression ratio N′/N of the patch tokens"),
+        Param(
+            "discard",
+            float,
+            0.0,
+            0.0,
+            1.0,
+            "fraction of the non-target tokens dropped, not merged (the paper figure's empty rows)",
+        ),
+    )
+    paper_settings: ClassVar[tuple[PaperSetting, ...]] = (
+        PaperSetting("paper: ViT-S 3.7 of 4.3 G", percent=86.0),
+        PaperSetting("paper: ViT-B 12.9 of 17.6 G", percent=73.3),
     )
 
     @classmethod
@@ -122,30 +141,52 @@ class LTM(LearnedReducer, Reducer):
         """Merge with the mask G: soft rows in training, their argmax at inference.
 
         Column j of G weights token i by ``G_ij · size_i · exp(s_i)``: the merged token is
-        an importance- and size-weighted average; its size is ``Σ_i G_ij · size_i``.
+        an importance- and size-weighted average; its size is ``Σ_i G_ij · size_i``. Rows
+        left empty (``discard``) drop their token.
         """
         found = self._mask(state)
         if found is None:
             return identity_reduction(state)
         keep, scores, targets, logits = found
         prefix = state.num_prefix
-        batch = state.x.shape[0]
+        batch, _, dim = state.x.shape
+        own = torch.arange(keep, device=logits.device).expand(batch, -1)
+        assign = logits.argmax(dim=-1).scatter(1, targets, own)  # a target keeps itself
+        kept = ~self._discarded(logits, targets, keep)  # [B, N]
+        size = state.size[:, prefix:].to(logits.dtype) * kept
+        importance = (scores - scores.max(dim=1, keepdim=True).values.detach()).exp()
+        weight = size * importance.clamp(min=1e-6)  # [B, N]; 0 on discarded rows
+        patches = state.x[:, prefix:].to(logits.dtype)
         if soft:
             mask = logits.softmax(dim=-1)
-        else:
-            mask = F.one_hot(logits.argmax(dim=-1), keep).to(logits.dtype)
-        own = F.one_hot(torch.arange(keep, device=mask.device), keep).to(mask.dtype)
-        index = targets.unsqueeze(-1).expand(-1, -1, keep)
-        mask = mask.scatter(1, index, own.expand(batch, -1, -1))  # a target keeps itself
-        size = state.size[:, prefix:].to(mask.dtype)
-        importance = (scores - scores.max(dim=1, keepdim=True).values.detach()).exp()
-        weights = mask * (size * importance.clamp(min=1e-6)).unsqueeze(-1)  # [B, N, N′]
-        merged = weights.transpose(-1, -2) @ state.x[:, prefix:].to(mask.dtype)
-        merged = merged / weights.sum(dim=1).unsqueeze(-1)
-        new_size = (mask * size.unsqueeze(-1)).sum(dim=1)
+            index = targets.unsqueeze(-1).expand(-1, -1, keep)
+            mask = mask.scatter(1, index, F.one_hot(own, keep).to(mask.dtype))
+            weights = mask * weight.unsqueeze(-1)  # [B, N, N′]
+            merged = weights.transpose(-1, -2) @ patches / weights.sum(dim=1).unsqueeze(-1)
+            new_size = (mask * size.unsqueeze(-1)).sum(dim=1)
+        else:  # one-hot rows: a scatter, not a dense N×N′ product
+            spread = assign.unsqueeze(-1).expand(-1, -1, dim)
+            summed = patches.new_zeros(batch, keep, dim).scatter_add_(
+                1, spread, patches * weight.unsqueeze(-1)
+            )
+            total = weight.new_zeros(batch, keep).scatter_add_(1, assign, weight)
+            merged = summed / total.unsqueeze(-1)
+            new_size = size.new_zeros(batch, keep).scatter_add_(1, assign, size)
         x = torch.cat([state.x[:, :prefix], merged.to(state.x.dtype)], dim=1)
         new_size = torch.cat([state.size[:, :prefix], new_size.to(state.size.dtype)], dim=1)
         prefix_map = torch.arange(prefix, device=x.device).expand(batch, -1)
-        token_map = torch.cat([prefix_map, mask.argmax(dim=-1) + prefix], dim=1)
+        token_map = torch.cat([prefix_map, torch.where(kept, assign + prefix, -1)], dim=1)
         padded = torch.cat([scores.new_full((batch, prefix), torch.nan), scores], dim=1)
         return Reduction(x=x, size=new_size, token_map=token_map, scores=padded)
+
+    def _discarded(self, logits: Tensor, targets: Tensor, keep: int) -> Tensor:
+        """The rows ``discard`` empties: of the non-target tokens, the ⌊discard·(N − N′)⌋
+        whose best logit is lowest. Chosen without gradient, like the hard rows."""
+        batch, patches, _ = logits.shape
+        dropped = torch.zeros(batch, patches, dtype=torch.bool, device=logits.device)
+        count = math.floor(self.values.get("discard", 0.0) * (patches - keep) + 1e-9)
+        if count <= 0:
+            return dropped
+        best = logits.detach().amax(dim=-1).scatter(1, targets, torch.inf)  # targets stay
+        worst = best.topk(count, dim=1, largest=False).indices
+        return dropped.scatter(1, worst, True)

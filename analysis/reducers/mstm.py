@@ -4,14 +4,19 @@ merge the others into them, with multi-scale features fused first.
 No code was found; the abstract gives the idea and the rest is our reading (see
 docs/methods.md):
 
+* It reduces at blocks 4/7/10 of 12 (0-based 3, 6, 9; depth/4, depth/2, 3·depth/4), its
+  default placement when a schedule gives no ``@`` (the paper's stages, as EViT's).
 * Importance is the CLS attention of the block, averaged over heads. The ⌈keep·N⌉
   patches with the highest importance are the crucial tokens.
 * Each non-crucial token merges, size-weighted, into its most similar crucial token by
-  cosine similarity of the attention keys (averaged over heads, as ToMe's metric).
+  cosine similarity of the attention keys (averaged over heads, as ToMe's metric). Only
+  the non-crucial rows of that similarity are computed: (N − K)·K·head_dim MACs.
 * Multi-scale fusion (``ms=1``, learned): the image downsampled 2× is patch-embedded with
   the model's own patch embedding and position embedding (a coarse grid of ⌊g/2⌋² tokens);
   a learned ``Linear(D, D)`` (zero at initialisation) maps each coarse token, which is
-  then added to the fine tokens it covers, just before the first reduction of the part.
+  then added to the fine tokens it covers, on entering the first block of the part,
+  before its attention (the engine's ``enter`` hook), so that the importance, the keys
+  and the choice of crucial tokens at that block all see the fused features.
   The training-free core (``ms=0``, the default) needs no weights.
 """
 
@@ -27,6 +32,7 @@ from torch import Tensor, nn
 from analysis.learned import LearnedReducer
 from analysis.reducers.base import (
     ModelFacts,
+    PaperSetting,
     Param,
     Reducer,
     Reduction,
@@ -35,6 +41,7 @@ from analysis.reducers.base import (
     TokenState,
     identity_reduction,
     merge_by_map,
+    stage_layers,
 )
 from analysis.reducers.topk import kept_patches
 
@@ -98,6 +105,14 @@ class MSTM(LearnedReducer, Reducer):
         Param("keep", float, 0.7, 0.01, 1.0, "fraction of patch tokens kept as crucial"),
         Param("ms", bool, False, help="multi-scale fusion before the first reduction (learned)"),
     )
+    placement: ClassVar[str] = "blocks 4/7/10 of 12 (0-based 3, 6, 9), as EViT's stages"
+    paper_settings: ClassVar[tuple[PaperSetting, ...]] = (
+        PaperSetting("paper: DeiT-S at −33 % FLOPs", percent=67.0),
+    )
+
+    @classmethod
+    def default_layers(cls, depth: int, values: dict[str, Any]) -> tuple[int, ...]:
+        return stage_layers(depth)
 
     _coarse: Tensor | None = None
     _grids: tuple[int, int] = (0, 0)
@@ -128,15 +143,22 @@ class MSTM(LearnedReducer, Reducer):
         patches = num_tokens - facts.num_prefix
         keep = kept_patches(self.values["keep"], patches)
         macs = 0
-        if self._fuses() and patches == facts.num_patches:
-            coarse = max(1, math.isqrt(facts.num_patches) // 2) ** 2
-            embed = coarse * facts.in_chans * facts.patch_size**2 * facts.dim
-            macs += embed + coarse * facts.dim * facts.dim
         if keep < patches:
+            # The CLS attention row, which the engine recomputes beside SDPA (EViT's code
+            # reads it off its own attention map), and the non-crucial similarity rows.
             head_dim = facts.dim // facts.num_heads
-            macs += num_tokens * facts.dim  # the CLS attention row
-            macs += (patches - keep) * keep * head_dim  # similarity to the crucial tokens
+            macs += num_tokens * facts.dim + (patches - keep) * keep * head_dim
+        if self._fuses():
+            coarse = max(1, math.isqrt(facts.num_patches) // 2) ** 2
+            macs += coarse * facts.in_chans * facts.patch_size**2 * facts.dim  # prepare()
+            if patches == facts.num_patches:  # projected and added only onto the full grid
+                macs += coarse * facts.dim * facts.dim
         return macs
+
+    def enter(self, state: TokenState) -> TokenState:
+        """On entering the block, before its attention: the multi-scale fusion (ms=1, at
+        the first layer of the part only)."""
+        return self.fuse(state) if self._fuses() else state
 
     def fuse(self, state: TokenState) -> TokenState:
         """Add the projected coarse tokens to the fine tokens they cover (full grid only)."""
@@ -153,25 +175,26 @@ class MSTM(LearnedReducer, Reducer):
         return TokenState(x, state.size, prefix)
 
     def reduce(self, state: TokenState, signals: Signals) -> Reduction:
-        assert signals.cls_attn is not None and signals.keys is not None
-        if self._fuses():
-            state = self.fuse(state)
         prefix = state.num_prefix
         patches = state.num_tokens - prefix
         keep = kept_patches(self.values["keep"], patches)
+        if keep == patches:  # nothing to merge (the engine computed no signals)
+            return identity_reduction(state)
+        assert signals.cls_attn is not None and signals.keys is not None
         batch = state.x.shape[0]
         importance = signals.cls_attn.float()
         padded = torch.cat([importance.new_full((batch, prefix), torch.nan), importance], 1)
-        if keep == patches:
-            reduction = identity_reduction(state)
-            reduction.scores = padded
-            return reduction
         crucial = importance.topk(keep, dim=1).indices.sort(dim=1).values  # [B, K]
+        is_crucial = torch.zeros_like(importance, dtype=torch.bool).scatter(1, crucial, True)
+        others = is_crucial.to(torch.int8).argsort(dim=1, stable=True)[:, : patches - keep]
         keys = F.normalize(signals.keys[:, prefix:].float(), dim=-1)
-        crucial_keys = keys.gather(1, crucial.unsqueeze(-1).expand(-1, -1, keys.shape[-1]))
-        target = (keys @ crucial_keys.transpose(-1, -2)).argmax(dim=-1)  # [B, N]
-        own = torch.arange(keep, device=target.device).expand(batch, -1)
-        target = target.scatter(1, crucial, own)  # a crucial token keeps itself
+        dim = keys.shape[-1]
+        crucial_keys = keys.gather(1, crucial.unsqueeze(-1).expand(-1, -1, dim))
+        other_keys = keys.gather(1, others.unsqueeze(-1).expand(-1, -1, dim))
+        nearest = (other_keys @ crucial_keys.transpose(-1, -2)).argmax(dim=-1)  # [B, N - K]
+        own = torch.arange(keep, device=nearest.device).expand(batch, -1)
+        target = torch.empty_like(importance, dtype=torch.long)
+        target = target.scatter(1, crucial, own).scatter(1, others, nearest)
         prefix_map = torch.arange(prefix, device=target.device).expand(batch, -1)
         token_map = torch.cat([prefix_map, target + prefix], dim=1)
         x, size = merge_by_map(state, token_map, prefix + keep)

@@ -2,7 +2,8 @@
 
 No official code; from the paper's figure: ``Y = softmax(W · LN(X)ᵀ) · LN(X)``, W is M×D,
 the softmax runs over the N input tokens for each of the M outputs, with no 1/√D scale.
-It sits between two blocks, once, about halfway (after block L/2), with M = 8.
+It sits between two blocks, once, halfway (after block L/2, so ``@5`` of 12 layers), with
+M = 8: that is its default placement, used when a schedule gives no ``@``.
 
 Our readings (docs/methods.md): the prefix tokens are kept aside and pass unchanged, only
 the patches are merged (as Haurum et al. did for CLS models). For the trace, each patch
@@ -25,6 +26,7 @@ from analysis.errors import ScheduleError
 from analysis.learned import LearnedReducer
 from analysis.reducers.base import (
     ModelFacts,
+    PaperSetting,
     Param,
     Reducer,
     Reduction,
@@ -63,6 +65,15 @@ class PatchMerger(LearnedReducer, Reducer):
     params: ClassVar[tuple[Param, ...]] = (
         Param("tokens", int, 8, 1, 4096, "M, the number of output tokens (fixed by training)"),
     )
+    placement: ClassVar[str] = "once, after block L/2 (layer 5 of 12)"
+    paper_settings: ClassVar[tuple[PaperSetting, ...]] = (
+        PaperSetting("paper: M=8 after block L/2", {"tokens": 8}),
+    )
+
+    @classmethod
+    def default_layers(cls, depth: int, values: dict[str, Any]) -> tuple[int, ...]:
+        """After block L/2 (1-based), i.e. between 0-based layers L/2 − 1 and L/2."""
+        return (max(0, depth // 2 - 1),)
 
     @classmethod
     def new_module(cls, facts: ModelFacts, values: dict[str, Any], aux_out: int = 0) -> nn.Module:

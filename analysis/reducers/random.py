@@ -7,6 +7,7 @@ from typing import ClassVar
 import torch
 
 from analysis.reducers.base import (
+    PaperSetting,
     Param,
     Reducer,
     Reduction,
@@ -16,6 +17,7 @@ from analysis.reducers.base import (
     identity_reduction,
     prefix_indices,
     select_tokens,
+    stage_layers,
     topk_patch_indices,
 )
 from analysis.reducers.topk import kept_patches
@@ -30,6 +32,9 @@ class RandomDrop(Reducer):
     params: ClassVar[tuple[Param, ...]] = (
         Param("keep", float, 0.7, 0.01, 1.0, "fraction of patch tokens kept"),
         Param("seed", int, 0, 0, 2**31 - 1, "random seed (per layer: seed + layer)"),
+    )
+    paper_settings: ClassVar[tuple[PaperSetting, ...]] = (
+        PaperSetting("Haurum et al.: EViT's stages", {"keep": 0.7}, stage_layers),
     )
 
     def output_tokens(self, num_tokens: int, num_prefix: int) -> int:

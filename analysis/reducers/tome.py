@@ -16,6 +16,7 @@ from torch import Tensor
 from analysis.errors import ScheduleError
 from analysis.reducers.base import (
     ModelFacts,
+    PaperSetting,
     Param,
     Reducer,
     Reduction,
@@ -105,6 +106,10 @@ class ToMe(Reducer):
         Param("r", int, 8, 0, 4096, "tokens merged per layer (a list gives r per layer)", True),
         Param("inflect", float, 0.0, -1.0, 1.0, "ramp: 0 constant, -1 decreasing from 2r to 0"),
     )
+    paper_settings: ClassVar[tuple[PaperSetting, ...]] = (
+        PaperSetting("paper: DeiT-S 3.4 G", {"r": 8}),
+        PaperSetting("paper: DeiT-S 2.7 G", {"r": 13}),
+    )
 
     @classmethod
     def expand(cls, values: dict[str, Any], num_layers: int) -> list[dict[str, Any]]:
@@ -129,10 +134,10 @@ class ToMe(Reducer):
         return ((num_tokens + 1) // 2) * (num_tokens // 2) * head_dim
 
     def reduce(self, state: TokenState, signals: Signals) -> Reduction:
-        assert signals.keys is not None
         r = capped_r(self.values["r"], state.num_tokens, state.num_prefix)
-        if r == 0:
+        if r == 0:  # a no-op: the engine computed no signals for it
             return identity_reduction(state)
+        assert signals.keys is not None
         token_map, num_out = match_bipartite(signals.keys, r, state.num_prefix)
         x, size = merge_by_map(state, token_map, num_out)
         return Reduction(x=x, size=size, token_map=token_map)

@@ -15,8 +15,6 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import torch
-
 
 @dataclass(frozen=True)
 class BenchRow:
@@ -63,6 +61,8 @@ def interleaved_medians(
 
 
 def bench_main_args(args: argparse.Namespace) -> dict[str, Any]:
+    import torch  # here, so that building the CLI parser does not import torch
+
     from analysis.engine import run
     from analysis.models import load_model
 

@@ -155,3 +155,18 @@ def test_bench_prints_side_by_side_ratios(capsys):
     tome = report["rows"][2]
     assert tome["flop_ratio"] > 1.0
     assert tome["realized"] == pytest.approx(tome["speedup"] / tome["flop_ratio"])
+
+
+def test_help_and_parser_start_without_torch():
+    """`python -m analysis --help` and every subcommand's parser need no torch (seconds
+    of import on a busy CPU); only the commands that run something import it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, analysis.cli, analysis.sweep_cli;"
+        "analysis.cli.build_parser(); analysis.sweep_cli.build_parser();"
+        "import analysis; analysis.TokenScopeError;"
+        "assert 'torch' not in sys.modules, 'torch was imported'"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

@@ -66,7 +66,7 @@ def test_settings_read_from_the_shipped_weights(default_model):
 
     assert trained_settings(default_model, "ltm").range == (0.85, 0.95)
     assert trained_settings(default_model, "mstm").range == (0.35, 0.7)
-    assert trained_settings(default_model, "dtem").range == (8, 16)
+    assert trained_settings(default_model, "dtem").range == (10, 21)  # r=21, 16, 10
     # Nothing constrains a training-free method, nor MSTM without its learned fusion.
     assert trained_settings(default_model, "tome") is None
     assert trained_settings(default_model, "mstm", "mstm:keep=0.5@3,6,9") is None
@@ -121,7 +121,7 @@ def test_matched_cropr_is_marked_outside_its_trained_rates(default_model):
 
 def test_extrapolation_checks_every_weighted_layer(default_model):
     ramp = extrapolation(default_model, "dtem:r=8,inflect=-1")  # r runs 16 down to 0
-    assert "DTEM r=" in ramp and "at layers" in ramp and "8–16" in ramp
+    assert "DTEM r=" in ramp and "at layers" in ramp and "10–21" in ramp
     assert extrapolation(default_model, "mstm:keep=0.2,ms=1@3,6,9").startswith("MSTM keep=0.2")
     assert extrapolation(default_model, "mstm:keep=0.2@3,6,9") == ""  # no learned part
     both = extrapolation(default_model, "ltm:keep=0.5@0-4;tome:r=4@5")

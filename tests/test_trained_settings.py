@@ -64,7 +64,7 @@ def test_settings_read_from_the_shipped_weights(default_model):
     assert merger.layers == (3, 5, 6, 8, 9, 10)
     assert "fix tokens=8" in merger.describe() and "3, 5–6, 8–10" in merger.describe()
 
-    assert trained_settings(default_model, "ltm").range == (0.85, 0.95)
+    assert trained_settings(default_model, "ltm").range == (0.872, 0.968)
     assert trained_settings(default_model, "mstm").range == (0.35, 0.7)
     assert trained_settings(default_model, "dtem").range == (10, 21)  # r=21, 16, 10
     # Nothing constrains a training-free method, nor MSTM without its learned fusion.
@@ -125,7 +125,7 @@ def test_extrapolation_checks_every_weighted_layer(default_model):
     assert extrapolation(default_model, "mstm:keep=0.2,ms=1@3,6,9").startswith("MSTM keep=0.2")
     assert extrapolation(default_model, "mstm:keep=0.2@3,6,9") == ""  # no learned part
     both = extrapolation(default_model, "ltm:keep=0.5@0-4;tome:r=4@5")
-    assert both == "LTM keep=0.5 is outside the trained 0.85–0.95"
+    assert both == "LTM keep=0.5 is outside the trained 0.872–0.968"
 
 
 @pytest.mark.parametrize("method", sorted(LEARNED_BASES))

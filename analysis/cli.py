@@ -248,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "sweep", help="trade-off curves over an image set (see: sweep --help)", add_help=False
     )
+    sub.add_parser("figure", help="a print figure from JSON (see: figure --help)", add_help=False)
     return parser
 
 
@@ -255,6 +256,7 @@ _DELEGATED: dict[str, tuple[str, str]] = {
     "train": ("analysis.train", "train_main"),
     "solve": ("analysis.solver", "solve_main"),
     "sweep": ("analysis.sweep_cli", "sweep_main"),
+    "figure": ("analysis.figure_cli", "figure_main"),
 }
 _COMMANDS: dict[str, Callable[[argparse.Namespace], dict[str, Any]]] = {
     "flops": cmd_flops,

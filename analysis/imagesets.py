@@ -153,8 +153,11 @@ class ImageSet:
         )
 
     def batch(self, indices: Sequence[int], config: DataConfig) -> torch.Tensor:
-        """The images at ``indices`` prepared for the model: [B, 3, S, S], normalised."""
-        return to_tensor([self.image(i) for i in indices], config)[0]
+        """The images at ``indices`` prepared for the model: [B, 3, S, S], normalised.
+
+        Each image is decoded, fitted and let go before the next, so a batch of large
+        uploads never holds more than one decoded image."""
+        return torch.cat([to_tensor([self.image(i)], config)[0] for i in indices])
 
 
 def _make_set(
@@ -246,6 +249,51 @@ def sample_array_to_rgb(array: np.ndarray) -> Image.Image:
         span = max(1e-8, float(np.ptp(array)))
         array = np.round(255 * (array - array.min()) / span).astype(np.uint8)
     return to_rgb(Image.fromarray(array))
+
+
+# The app's sidebar names of some samples (app_pages.common.SAMPLES), mapped to the
+# scikit-image function names; a figure configuration may use either.
+SAMPLE_ALIASES = {
+    "chelsea (cat)": "chelsea",
+    "motorcycle": "stereo_motorcycle",
+    "camera (grey)": "camera",
+}
+
+
+def sample_name(name: str) -> str:
+    """The scikit-image name of a sample given by that name or the app's name for it."""
+    key = name.strip()
+    key = SAMPLE_ALIASES.get(key, key)
+    if key not in SAMPLE_NAMES:
+        raise TokenScopeError(f"unknown sample image {name!r} (known: {', '.join(SAMPLE_NAMES)})")
+    return key
+
+
+@lru_cache(maxsize=8)
+def _sample(name: str) -> Image.Image:
+    try:
+        from skimage import data as skdata
+    except ImportError:
+        raise TokenScopeError(
+            "the sample images come from scikit-image: pip install scikit-image"
+        ) from None
+    try:
+        array = getattr(skdata, name)()
+    except Exception as error:  # a sample that needs a download (offline)
+        raise TokenScopeError(f"the sample image {name!r} could not be loaded: {error}") from None
+    return sample_array_to_rgb(array)
+
+
+def sample_image(name: str) -> Image.Image:
+    """One scikit-image sample as RGB (read once per process; a copy is returned)."""
+    return _sample(sample_name(name)).copy()
+
+
+def pixel_digest(image: Image.Image) -> str:
+    """sha256 of an image's decoded RGB pixels and shape: the samples' content digest,
+    unchanged by a lossless re-encoding of the file."""
+    pixels = np.asarray(to_rgb(image))
+    return _sha256(f"{pixels.shape}".encode() + pixels.tobytes())
 
 
 @lru_cache(maxsize=1)

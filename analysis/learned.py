@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from analysis.errors import CheckpointMismatchError, ModelLoadError, ScheduleError
-from analysis.reducers.base import LearnedWeights, ModelFacts
+from analysis.errors import CheckpointMismatchError, ModelLoadError, ScheduleError, shorten
 
 if TYPE_CHECKING:
     from analysis.models import LoadedModel
+    from analysis.reducers.base import LearnedWeights, ModelFacts
+# analysis.reducers imports this module (its learned reducers subclass LearnedReducer), so
+# LearnedWeights is imported where it is built: this module can then be imported first.
 
 FORMAT = "tokenscope-learned"
 FORMAT_VERSION = "1"
@@ -108,6 +110,12 @@ class LearnedReducer:
         raise NotImplementedError
 
 
+def _weights(**fields: Any) -> LearnedWeights:
+    from analysis.reducers.base import LearnedWeights
+
+    return LearnedWeights(**fields)
+
+
 def module_config(module: nn.Module) -> dict[str, Any]:
     """The keyword arguments a learned module was built with (without training-only parts)."""
     config = dict(getattr(module, "config", {}))
@@ -145,7 +153,7 @@ def init_weights(
                 continue
             weights = found.setdefault(
                 reducer.name,
-                LearnedWeights(method=reducer.name, metadata={"source": "untrained modules"}),
+                _weights(method=reducer.name, metadata={"source": "untrained modules"}),
             )
             if layer not in weights.modules:
                 module = reducer.new_module(facts, reducer.values, aux_out)
@@ -235,9 +243,17 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
+            metadata = handle.metadata() or {}
     except Exception as error:
-        raise ModelLoadError(f"could not read {path.name}: {error}") from None
+        raise ModelLoadError(
+            f"could not read {path.name}: it is not a safetensors file, or it is damaged "
+            f"({shorten(error, 80)}). Write it again with `python -m analysis train`"
+        ) from None
+    return {str(key): str(value) for key, value in metadata.items()}
+
+
+MAX_LAYERS = 1024  # no backbone the engine runs is deeper
+MAX_DIM = 16384  # widest embedding a weights file may claim
 
 
 def load_learned(path: str | Path, model: LoadedModel | None = None) -> LearnedWeights:
@@ -245,10 +261,13 @@ def load_learned(path: str | Path, model: LoadedModel | None = None) -> LearnedW
 
     With ``model``, the file must have been made for that backbone: same name, same
     architecture and the same weights (by fingerprint); otherwise CheckpointMismatchError.
+    Every size the file states is checked before anything is allocated (the modules are
+    built on the meta device first and must match the file's tensors), and weights that
+    are not finite (NaN, infinity) are refused.
     """
     path = Path(path)
-    if not path.exists():
-        raise ModelLoadError(f"weights file not found: {path}")
+    if not path.is_file():
+        raise ModelLoadError(f"weights file not found: {shorten(path.name, 80)}")
     metadata = read_metadata(path)
     if metadata.get("format") != FORMAT:
         return convert_official(path, model)
@@ -256,32 +275,159 @@ def load_learned(path: str | Path, model: LoadedModel | None = None) -> LearnedW
 
     from analysis.reducers import reducer_class
 
-    method = metadata["method"]
-    cls = reducer_class(method)
+    name = shorten(path.name, 80)
+    method = _field(metadata, "method", name)
+    try:
+        cls = reducer_class(shorten(method, 40))
+    except ScheduleError as error:
+        raise ModelLoadError(f"{name}: {error}") from None
     if not hasattr(cls, "module_class"):
-        raise ModelLoadError(f"{path.name}: {cls.label} has no learned parts to load")
+        raise ModelLoadError(f"{name}: {cls.label} has no learned parts to load")
     trained_for = BackboneId(
-        metadata["backbone"],
-        metadata["backbone_fingerprint"],
-        int(metadata["backbone_dim"]),
-        int(metadata["backbone_depth"]),
+        _field(metadata, "backbone", name),
+        _field(metadata, "backbone_fingerprint", name),
+        _int_field(metadata, "backbone_dim", name, 1, MAX_DIM),
+        _int_field(metadata, "backbone_depth", name, 1, MAX_LAYERS),
     )
     if model is not None:
         check_backbone(path, cls.label, trained_for, backbone_id(model))
-    tensors = load_file(str(path))
-    config = json.loads(metadata["module_config"])
+    config = _json_field(metadata, "module_config", name)
+    if not isinstance(config, dict) or not all(
+        isinstance(value, (int, float, str, bool)) for value in config.values()
+    ):
+        raise ModelLoadError(f"{name}: 'module_config' must be an object of numbers and names")
+    layers = _json_field(metadata, "layers", name)
+    if (
+        not isinstance(layers, list)
+        or not layers
+        or not all(isinstance(layer, int) and not isinstance(layer, bool) for layer in layers)
+        or len(set(layers)) != len(layers)
+        or not all(0 <= layer < trained_for.depth for layer in layers)
+    ):
+        raise ModelLoadError(
+            f"{name}: 'layers' must list distinct layers from 0 to {trained_for.depth - 1} "
+            f"(the backbone's depth), got {shorten(metadata['layers'], 60)}"
+        )
+    if config.get("dim", trained_for.dim) != trained_for.dim:
+        raise CheckpointMismatchError(
+            f"{name}: its modules are {shorten(config.get('dim'), 20)} wide, but the backbone "
+            f"it names is {trained_for.dim} wide; the file is damaged. Train it again"
+        )
+    if "aux_out" in config:  # a training-only head: never built for inference
+        config = {**config, "aux_out": 0}
+    template = _meta_module(cls, config, name)
+    try:
+        tensors = load_file(str(path))
+    except Exception as error:
+        raise ModelLoadError(
+            f"could not read the tensors of {name}: {shorten(error, 80)}"
+        ) from None
     modules: dict[int, nn.Module] = {}
-    for layer in json.loads(metadata["layers"]):
+    for layer in layers:
         prefix = f"layers.{layer}."
         state = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _check_state(state, template, f"{name}, layer {layer}")
         module = cls.module_class(**config)
         try:
             module.load_state_dict(state, strict=True)
         except RuntimeError as error:
-            raise CheckpointMismatchError(f"{path.name}, layer {layer}: {error}") from None
+            raise CheckpointMismatchError(f"{name}, layer {layer}: {shorten(error, 200)}") from None
         modules[layer] = _frozen(module, model)
     metadata["source"] = path.name
-    return LearnedWeights(method=cls.name, modules=modules, metadata=metadata)
+    return _weights(method=cls.name, modules=modules, metadata=metadata)
+
+
+def _field(metadata: dict[str, str], key: str, name: str) -> str:
+    value = metadata.get(key)
+    if not value:
+        raise ModelLoadError(
+            f"{name} has no '{key}' in its metadata: it was not written by `python -m "
+            "analysis train`, or it was damaged. Train the weights again"
+        )
+    return value
+
+
+def _int_field(metadata: dict[str, str], key: str, name: str, low: int, high: int) -> int:
+    text = _field(metadata, key, name)
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ModelLoadError(
+            f"{name}: '{key}' in its metadata must be a whole number from {low} to {high}, "
+            f"got {shorten(text, 30)}; the file is damaged. Train the weights again"
+        )
+    return value
+
+
+def _json_field(metadata: dict[str, str], key: str, name: str) -> Any:
+    text = _field(metadata, key, name)
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        raise ModelLoadError(
+            f"{name}: '{key}' in its metadata is not valid JSON ({shorten(text, 40)}); "
+            "the file is damaged. Train the weights again"
+        ) from None
+
+
+MAX_MODULE_BYTES = 256 * 2**20  # one reducer module; the largest shipped one is about 600 KB
+
+
+def _meta_module(cls: type, config: dict[str, Any], name: str) -> nn.Module:
+    """The module the file's config describes, built without memory, and its size bounded."""
+    try:
+        with torch.device("meta"):
+            module = cls.module_class(**config)
+    except Exception as error:  # unknown keys, wrong types, impossible sizes
+        raise ModelLoadError(
+            f"{name}: its 'module_config' {shorten(json.dumps(config), 80)} does not describe "
+            f"a {cls.label} module ({shorten(error, 80)}); the file is damaged. Train it again"
+        ) from None
+    size = sum(t.numel() * t.element_size() for t in module.state_dict().values())
+    if size > MAX_MODULE_BYTES:
+        raise ModelLoadError(
+            f"{name}: its 'module_config' asks for modules of {size / 2**20:,.0f} MB each "
+            f"(the limit is {MAX_MODULE_BYTES / 2**20:.0f} MB); the file is damaged or not "
+            "made for TokenScope"
+        )
+    return module
+
+
+def _check_state(state: dict[str, Tensor], template: nn.Module, where: str) -> None:
+    """The file's tensors for one module: the template's keys and shapes, finite floats."""
+    expected = {key: tuple(value.shape) for key, value in template.state_dict().items()}
+    expected = {k: v for k, v in expected.items() if not k.startswith(TRAINING_ONLY_PREFIX)}
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{key} {tuple(state[key].shape)} instead of {expected[key]}"
+        for key in set(state) & set(expected)
+        if tuple(state[key].shape) != expected[key]
+    )
+    if missing or unexpected or wrong:
+        problems = []
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape", wrong)):
+            if keys:
+                shown = ", ".join(shorten(k, 60) for k in keys[:4])
+                more = f" (+{len(keys) - 4} more)" if len(keys) > 4 else ""
+                problems.append(f"{title}: {shown}{more}")
+        raise CheckpointMismatchError(f"{where} does not fit its module: {'; '.join(problems)}")
+    _check_finite(state, where)
+
+
+def _check_finite(state: dict[str, Tensor], where: str) -> None:
+    for key, value in state.items():
+        if not value.is_floating_point():
+            raise CheckpointMismatchError(
+                f"{where}: tensor {shorten(key, 60)} holds {value.dtype} values, not weights"
+            )
+        if not bool(torch.isfinite(value).all()):
+            raise CheckpointMismatchError(
+                f"{where}: tensor {shorten(key, 60)} holds NaN or infinite values; these "
+                "weights are broken (training diverged?). Train them again"
+            )
 
 
 def provenance(weights: LearnedWeights) -> str:
@@ -364,20 +510,22 @@ _DTEM_QKV = re.compile(r"^(?:module\.)?blocks\.(\d+)\.attn\.qkv\.qkv_layer\.weig
 
 def read_state(path: Path) -> dict[str, Tensor]:
     """A flat state dict from safetensors or a torch file (``.pth``, ``.pth.tar``, ...)."""
-    if path.suffix.lower() == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
+    name = shorten(path.name, 80)
     try:
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as error:
-        raise ModelLoadError(f"could not read checkpoint {path.name}: {error}") from None
+        if path.suffix.lower() == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as error:  # damaged file, pickled code refused by weights_only, ...
+        raise ModelLoadError(f"could not read checkpoint {name}: {shorten(error, 120)}") from None
     for wrapper in ("state_dict", "model", "module"):
         if isinstance(state, dict) and isinstance(state.get(wrapper), dict):
             state = state[wrapper]
     if not isinstance(state, dict):
-        raise ModelLoadError(f"{path.name} does not hold a state dict")
-    return {k: v for k, v in state.items() if isinstance(v, Tensor)}
+        raise ModelLoadError(f"{name} does not hold a state dict")
+    return {str(k): v for k, v in state.items() if isinstance(v, Tensor)}
 
 
 def convert_official(path: Path, model: LoadedModel | None = None) -> LearnedWeights:
@@ -390,6 +538,7 @@ def convert_official(path: Path, model: LoadedModel | None = None) -> LearnedWei
     """
     from analysis.reducers.dtem import DTEMMetric
 
+    name = shorten(path.name, 80)
     state = read_state(path)
     metric: dict[int, dict[str, Tensor]] = {}
     qkv: dict[int, Tensor] = {}
@@ -400,24 +549,31 @@ def convert_official(path: Path, model: LoadedModel | None = None) -> LearnedWei
             qkv[int(match.group(1))] = value
     if not metric:
         raise ModelLoadError(
-            f"{path.name} is neither a TokenScope weights file (made by `python -m analysis "
+            f"{name} is neither a TokenScope weights file (made by `python -m analysis "
             "train`) nor an official checkpoint we can convert (DTEM: keys "
             "'blocks.N.attn.qkv.metric_layer.weight')"
         )
+    depth = model.facts.depth if model is not None else MAX_LAYERS
+    dims = _check_dtem_metric(metric, name, depth)
     if model is not None:
         facts = model.facts
-        layers = sorted(metric)
-        dim = metric[layers[0]]["weight"].shape[1]
-        if dim != facts.dim or layers[-1] >= facts.depth:
+        dim = dims[0]
+        if dim != facts.dim:
             raise CheckpointMismatchError(
-                f"{path.name} holds DTEM metric layers for dim {dim} and {layers[-1] + 1}+ "
-                f"blocks, but {model.name} has dim {facts.dim} and {facts.depth} blocks"
+                f"{name} holds DTEM metric layers for dim {dim}, but {model.name} has dim "
+                f"{facts.dim}. Load the backbone it was trained on (DTEM: the timm DeiT "
+                "fb_in1k weights)"
             )
         for layer, weight in qkv.items():
+            if layer >= facts.depth:
+                raise CheckpointMismatchError(
+                    f"{name} has qkv weights for block {layer}, but {model.name} has "
+                    f"{facts.depth} blocks: it was trained on another backbone"
+                )
             ours = model.module.blocks[layer].attn.qkv.weight.detach().cpu().float()
             if weight.shape != ours.shape or not torch.allclose(weight.float(), ours, atol=1e-4):
                 raise CheckpointMismatchError(
-                    f"{path.name} was trained on another backbone: its block {layer} qkv "
+                    f"{name} was trained on another backbone: its block {layer} qkv "
                     f"weights differ from those of the loaded {model.name} ({model.weights}). "
                     "Load the backbone it was trained on (DTEM: the timm DeiT fb_in1k weights)."
                 )
@@ -438,7 +594,43 @@ def convert_official(path: Path, model: LoadedModel | None = None) -> LearnedWei
         "converted_from": "movinghoon/DTEM checkpoint",
         "backbone": model.name if model is not None else "unknown",
     }
-    return LearnedWeights(method="dtem", modules=modules, metadata=metadata)
+    return _weights(method="dtem", modules=modules, metadata=metadata)
+
+
+def _check_dtem_metric(
+    metric: dict[int, dict[str, Tensor]], name: str, depth: int
+) -> tuple[int, int]:
+    """Every metric layer: a finite [f, D] weight (and [f] bias), the same D and f for all,
+    at a block the backbone has. Returns (D, f)."""
+    dims: set[tuple[int, int]] = set()
+    for layer, parts in sorted(metric.items()):
+        where = f"{name}, block {layer}"
+        if layer >= depth:
+            raise CheckpointMismatchError(
+                f"{where}: the backbone has {depth} blocks (0-{depth - 1}); this checkpoint "
+                "was made for a deeper model"
+            )
+        weight = parts.get("weight")
+        if weight is None or weight.ndim != 2 or min(weight.shape) < 1:
+            raise CheckpointMismatchError(
+                f"{where}: metric_layer.weight must be a matrix [features, dim], got "
+                f"{'none' if weight is None else tuple(weight.shape)}"
+            )
+        bias = parts.get("bias")
+        if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+            raise CheckpointMismatchError(
+                f"{where}: metric_layer.bias has shape {tuple(bias.shape)}, but the weight has "
+                f"{weight.shape[0]} features"
+            )
+        if weight.shape[1] > MAX_DIM or weight.shape[0] > MAX_DIM:
+            raise CheckpointMismatchError(f"{where}: a {tuple(weight.shape)} metric is too large")
+        _check_finite(parts, where)
+        dims.add((int(weight.shape[1]), int(weight.shape[0])))
+    if len(dims) > 1:
+        raise CheckpointMismatchError(
+            f"{name}: its metric layers have different sizes {sorted(dims)}; the file is damaged"
+        )
+    return dims.pop()
 
 
 __all__ = [

@@ -29,8 +29,8 @@ from typing import Any
 import torch
 
 from analysis.curves import Point, bootstrap
-from analysis.engine import attach_weights, run
-from analysis.errors import ScheduleError, TokenScopeError
+from analysis.engine import attach_weights, cpu_replica, run
+from analysis.errors import DeviceMemoryError, ScheduleError, TokenScopeError
 from analysis.flops import count_macs
 from analysis.imagesets import ImageSet
 from analysis.metrics import (
@@ -94,8 +94,13 @@ class MethodSweep:
         if isinstance(data, str):
             return cls(base=data)
         _check_fields(cls, data, "methods[]")
+        if not isinstance(data.get("base"), str):
+            raise TokenScopeError(
+                "sweep configuration: each 'methods' entry needs a 'base' schedule (text), "
+                'e.g. {"base": "tome:r=8"}'
+            )
         return cls(
-            base=str(data["base"]),
+            base=data["base"],
             values=tuple(_numbers(data.get("values", ()), "methods[].values")),
             targets=tuple(_numbers(data.get("targets", ()), "methods[].targets")),
         )
@@ -393,8 +398,61 @@ class _Shard:
         return [index for batch in self.batches for index in batch]
 
 
+@dataclass
+class _Runner:
+    """Runs batches, and keeps going when the GPU runs out of memory: the batch is split
+    in halves (down to one image), then the model moves to a CPU copy. Each step is
+    announced once through ``notice``; finished batches are kept."""
+
+    model: LoadedModel
+    precision: str
+    notice: Callable[[str], None] | None = None
+    limit: int | None = None  # the largest batch known to fit, after an out-of-memory
+
+    def outputs(
+        self, images: torch.Tensor, schedule: str
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and logits (on the CPU) of ``images`` under ``schedule``."""
+        features, logits = [], []
+        start, total = 0, images.shape[0]
+        while start < total:
+            size = total - start if self.limit is None else min(self.limit, total - start)
+            chunk = images[start : start + size]
+            try:
+                result = run(self.model, chunk, schedule, precision=self.precision)
+            except DeviceMemoryError:
+                self._shrink(size)
+                continue
+            features.append(result.features.float().cpu())
+            if result.logits is not None:
+                logits.append(result.logits.float().cpu())
+            start += size
+        return torch.cat(features), (torch.cat(logits) if logits else None)
+
+    def _shrink(self, size: int) -> None:
+        if size > 1:
+            self.limit = size // 2
+            self._say(
+                f"The GPU ran out of memory on a batch of {size} images; the sweep goes on "
+                f"in batches of {self.limit}."
+            )
+            return
+        if self.model.device.type == "cpu":
+            raise DeviceMemoryError("out of memory on a single image, even on the CPU", batch=1)
+        self.model = cpu_replica(self.model)
+        self.limit = None
+        self._say(
+            "The GPU ran out of memory even on a single image; the sweep goes on on the CPU "
+            "(slower; the same results up to rounding)."
+        )
+
+    def _say(self, message: str) -> None:
+        if self.notice is not None:
+            self.notice(message)
+
+
 def _outputs(
-    model: LoadedModel,
+    model: LoadedModel | _Runner,
     shard: _Shard,
     schedule: str,
     precision: str,
@@ -402,17 +460,18 @@ def _outputs(
     on_batch: Callable[[int], None] | None,
 ) -> Outputs | None:
     """The schedule's outputs on the shard's images, in index order (None when stopped)."""
+    runner = model if isinstance(model, _Runner) else _Runner(model, precision)
     features, logits = [], []
     for batch in range(len(shard.batches)):
         if should_stop is not None and should_stop():
             return None
-        result = run(model, shard.tensor(batch), schedule, precision=precision)
-        features.append(result.features.float().cpu())
-        if result.logits is not None:
-            logits.append(result.logits.float().cpu())
+        found, found_logits = runner.outputs(shard.tensor(batch), schedule)
+        features.append(found)
+        if found_logits is not None:
+            logits.append(found_logits)
         if on_batch is not None:
             on_batch(len(shard.batches[batch]))
-    dim = model.facts.dim
+    dim = runner.model.facts.dim
     return Outputs(
         features=torch.cat(features) if features else torch.zeros(0, dim),
         logits=torch.cat(logits) if logits else None,
@@ -433,6 +492,9 @@ class SweepContext:
     reference: Outputs | None = None
     bank: KnnBank | None = None
     bank_key: str = ""
+    runner: _Runner | None = None
+    notice: Callable[[str], None] | None = None
+    cache_noticed: bool = False
 
     def key(self, schedule: str, metric: str) -> str:
         return make_key(
@@ -492,6 +554,7 @@ def run_sweep(
     should_stop: Callable[[], bool] | None = None,
     on_images: Callable[[int], None] | None = None,
     keep_preprocessed_bytes: int = PREPROCESSED_BUDGET_BYTES,
+    on_notice: Callable[[str], None] | None = None,
 ) -> Iterator[Point]:
     """Yield one :class:`Point` per planned schedule, in plan order.
 
@@ -500,6 +563,8 @@ def run_sweep(
     keeping every finished point in the cache. ``on_images(n)`` is called after each
     batch of n images (for progress bars). Preprocessed images are kept between points up
     to ``keep_preprocessed_bytes`` per process. Under torchrun only rank 0 yields.
+    ``on_notice(text)`` hears what the user should know: the GPU ran out of memory and the
+    sweep went on in smaller batches or on the CPU, or the cache could not be written.
     """
     if precision not in PRECISIONS:
         raise TokenScopeError(f"precision must be one of {', '.join(PRECISIONS)}")
@@ -514,6 +579,8 @@ def run_sweep(
         shard=_Shard(images, batch_size, comm, model.data_config, keep_preprocessed_bytes),
         cache=cache,
         comm=comm,
+        runner=_Runner(model, precision, on_notice),
+        notice=on_notice,
     )
     for planned in plan.points:
         point = _cached_point(context, planned)
@@ -559,7 +626,7 @@ def _compute_point(
         outputs: Outputs | None = context.reference
     else:
         outputs = _outputs(
-            context.model,
+            context.runner or context.model,
             context.shard,
             planned.schedule,
             context.precision,
@@ -591,7 +658,18 @@ def _compute_point(
                     "seconds": seconds,
                 },
             )
+        _cache_notice(context)
     return _point(planned, values, seconds=seconds, cached=False)
+
+
+def _cache_notice(context: SweepContext) -> None:
+    """Say once that the cache cannot be written (the sweep itself goes on)."""
+    cache = context.cache
+    if cache is None or not cache.write_error or context.notice is None:
+        return
+    if not context.cache_noticed:
+        context.notice(cache.write_error)
+        context.cache_noticed = True
 
 
 def _merge(
@@ -653,7 +731,9 @@ def _reference(context: SweepContext) -> Outputs:
     stored = context.cache.get_tensors(key) if context.cache is not None else None
     if stored is not None:
         return Outputs(features=stored["features"], logits=stored.get("logits"))
-    outputs = _outputs(context.model, shard, FULL_SCHEDULE, context.precision, None, None)
+    outputs = _outputs(
+        context.runner or context.model, shard, FULL_SCHEDULE, context.precision, None, None
+    )
     assert outputs is not None
     if context.cache is not None:
         tensors = {"features": outputs.features}
@@ -689,7 +769,9 @@ def _bank(context: SweepContext) -> KnnBank:
     stored = context.comm.broadcast(stored)
     if stored is None:
         shard = _Shard(bank_set, context.shard.batch_size, context.comm, context.model.data_config)
-        outputs = _outputs(context.model, shard, FULL_SCHEDULE, context.precision, None, None)
+        outputs = _outputs(
+            context.runner or context.model, shard, FULL_SCHEDULE, context.precision, None, None
+        )
         assert outputs is not None
         pieces = context.comm.gather((shard.indices, outputs.features))
         features = torch.zeros(len(bank_set), context.model.facts.dim)

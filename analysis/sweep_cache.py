@@ -10,6 +10,8 @@ or resuming an interrupted sweep finds what was already computed.
 Writes go to a temporary file in the same folder and are moved into place with
 ``os.replace``, so a killed process leaves either the old file, the new file or a stray
 temporary file, never half a file. A file that fails to parse is treated as missing.
+A folder that cannot be written (read-only, full) does not stop a sweep: the points are
+computed but not saved, and :attr:`SweepCache.write_error` says why.
 """
 
 from __future__ import annotations
@@ -110,6 +112,7 @@ class SweepCache:
 
             root = cache_dir() / "sweeps"
         self.root = Path(root)
+        self.write_error: str | None = None  # set when a write failed: say it once
 
     def _path(self, key: str, suffix: str) -> Path:
         return self.root / key[:2] / f"{key}{suffix}"
@@ -141,7 +144,15 @@ class SweepCache:
         self._write(self._path(key, ".pt"), buffer.getvalue())
 
     def _write(self, path: Path, data: bytes) -> None:
-        atomic_write(path, data)
+        if self.write_error is not None:
+            return
+        try:
+            atomic_write(path, data)
+        except OSError as error:
+            self.write_error = (
+                f"The cache folder {self.root} cannot be written ({error.strerror or error}); "
+                "results are computed but not saved. Set TOKENSCOPE_CACHE to a writable folder."
+            )
 
 
 def atomic_write(path: Path, data: bytes) -> None:

@@ -220,6 +220,7 @@ def execute(spec: Any, comm: Any, *, cache: bool = True, quiet: bool = False) ->
         comm=comm,
         on_images=progress.advance,
         keep_preprocessed_bytes=CLI_PREPROCESSED_BYTES,
+        on_notice=progress.note,
     ):
         points.append(point)
         progress.point_done(point, metrics[0])

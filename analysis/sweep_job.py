@@ -37,6 +37,7 @@ class JobState:
     cancelled: bool
     error: str
     seconds: float
+    notices: tuple[str, ...] = ()  # e.g. the GPU ran out of memory and the sweep went on
 
     @property
     def fraction(self) -> float:
@@ -71,6 +72,7 @@ class SweepJob:
         self._points: list[Point] = []
         self._images_done = 0
         self._error = ""
+        self._notices: list[str] = []
         self._started = 0.0
         self._finished: float | None = None
         self._thread = threading.Thread(target=self._work, name="tokenscope-sweep", daemon=True)
@@ -100,11 +102,17 @@ class SweepJob:
                 cancelled=self._stop.is_set(),
                 error=self._error,
                 seconds=end - self._started if self._started else 0.0,
+                notices=tuple(self._notices),
             )
 
     def _advance(self, count: int) -> None:
         with self._lock:
             self._images_done += count
+
+    def _notice(self, text: str) -> None:
+        with self._lock:
+            if text not in self._notices:
+                self._notices.append(text)
 
     def _work(self) -> None:
         try:
@@ -118,6 +126,7 @@ class SweepJob:
                 cache=self.cache,
                 should_stop=self._stop.is_set,
                 on_images=self._advance,
+                on_notice=self._notice,
             ):
                 with self._lock:
                     self._points.append(point)

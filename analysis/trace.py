@@ -2,6 +2,8 @@
 
 Memory grows as patches x layers: per layer we keep, for each patch, the index of the
 token that carries it (-1 once dropped), the token sizes, and the scores a reducer used.
+Patches pruned but pooled into a fused token (EViT's extra token) are marked as such, so
+that a picture can tell them from patches merged with similar ones.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class LayerTrace:
     scores: Tensor | None = None  # [B, N] float32: score of each patch's token when reduced
     methods: tuple[str, ...] = ()
     soft_assignment: Tensor | None = None  # [B, N, T] for soft methods (display only)
+    fused: Tensor | None = None  # [B, N] bool: patch pruned into a fused token; None: none
 
 
 @dataclass
@@ -62,6 +65,8 @@ class Trace:
             alive = owner >= 0
             size = record.sizes.gather(1, owner.clamp(min=0))
             reduced = ~alive | (size > 1)
+            if record.fused is not None:  # fused alone (size 1) is still out of attention
+                reduced |= record.fused
             first = torch.where(reduced, torch.tensor(record.layer, dtype=torch.int32), first)
         return first
 
@@ -81,6 +86,7 @@ class Trace:
                     "scores": None
                     if record.scores is None
                     else [None if v != v else round(v, 6) for v in record.scores[image].tolist()],
+                    "fused": None if record.fused is None else record.fused[image].tolist(),
                 }
                 for record in self.layers
             ],
@@ -99,6 +105,7 @@ class TraceBuilder:
         num_patches = grid[0] * grid[1]
         self.owner = (torch.arange(num_patches, device=device) + num_prefix).expand(batch, -1)
         self.dropped_at = torch.full((batch, num_patches), -1, dtype=torch.int32, device=device)
+        self.fused = torch.zeros((batch, num_patches), dtype=torch.bool, device=device)
         self.pending: list[tuple] = []
         self._scores: Tensor | None = None
         self._soft: Tensor | None = None
@@ -116,6 +123,9 @@ class TraceBuilder:
             )
         new_owner = torch.where(alive, reduction.token_map.gather(1, safe), -1)
         newly_dropped = alive & (new_owner < 0)
+        if reduction.fused is not None:  # pruned into the fused token: marked from now on
+            self.fused = self.fused | reduction.fused.gather(1, new_owner.clamp(min=0))
+        self.fused = self.fused & (new_owner >= 0)
         self.dropped_at = torch.where(newly_dropped, layer, self.dropped_at)
         self.owner = new_owner
         self._methods.append(method)
@@ -130,6 +140,7 @@ class TraceBuilder:
                 self._scores,
                 tuple(self._methods),
                 self._soft,
+                self.fused.clone() if bool(self.fused.any()) else None,
             )
         )
         self._scores = None
@@ -138,7 +149,7 @@ class TraceBuilder:
 
     def finish(self) -> Trace:
         trace = Trace(grid=self.grid, num_prefix=self.num_prefix)
-        for layer, tokens, owner, sizes, scores, methods, soft in self.pending:
+        for layer, tokens, owner, sizes, scores, methods, soft, fused in self.pending:
             trace.layers.append(
                 LayerTrace(
                     layer=layer,
@@ -148,6 +159,7 @@ class TraceBuilder:
                     scores=None if scores is None else scores.cpu(),
                     methods=methods,
                     soft_assignment=None if soft is None else soft.cpu(),
+                    fused=None if fused is None else fused.cpu(),
                 )
             )
         trace.dropped_at = self.dropped_at.cpu()

@@ -735,7 +735,13 @@ def _restore(
     scaler: Any,
     module: nn.Module,
 ) -> tuple[int, list[float], list[float | None], dict[str, Any]]:
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # cut short by a full disk, or not a resume file at all
+        raise TokenScopeError(
+            f"the resume file {path.name} cannot be read ({str(error)[:120]}); delete it to "
+            "start from step 0, or give another --out"
+        ) from None
     if state["schedules"] != list(config.schedules):
         raise TokenScopeError(
             f"{path.name} was written for the schedules {state['schedules']}, not "

@@ -1,7 +1,7 @@
 """What the pages share: the model, device and image inputs, and the cached runs.
 
 Models come from ``analysis.load_model`` (cached once per process and never mutated),
-images from ``analysis.images.load_image``, runs from ``analysis.run`` (cached per
+images from ``analysis.images.read_image``, runs from ``analysis.run`` (cached per
 model, image and schedule, so a page redraws without running the model again).
 """
 
@@ -23,16 +23,19 @@ from PIL import Image
 from analysis import (
     ImageError,
     LoadedModel,
-    ModelLoadError,
     RunResult,
     Schedule,
     ScheduleError,
+    TokenScopeError,
     load_model,
     parse_schedule,
     run,
 )
-from analysis.engine import attach_weights
-from analysis.images import CropInfo, fit_to_input, load_image
+from analysis.access import allowed_folders, check_server_path
+from analysis.engine import attach_weights, cpu_replica
+from analysis.errors import DeviceMemoryError, OfflineError, shorten
+from analysis.fitting import FIT_MODES, FittedImage, fit_image
+from analysis.images import WORKING_PIXELS, CropInfo, DecodedImage, read_image
 from analysis.learned import attach, load_learned, provenance
 from analysis.reducers import reducer_class
 from analysis.reducers.base import LearnedWeights
@@ -45,6 +48,10 @@ CHECKPOINT_SOURCE = "Local checkpoint"
 DEVICES = ("auto", "cuda", "cpu")
 DEFAULT_TIMM = "deit_small_patch16_224"
 UPLOAD_TYPES = ["jpg", "jpeg", "png", "webp", "bmp", "tif", "tiff", "gif"]
+CHECKPOINT_TYPES = ["safetensors", "pth", "pt"]
+UPLOADED = "Upload a file"
+SERVER_PATH = "Path on the server"
+NOTICES = "_page_notices"
 
 
 def _skimage(name: str) -> Callable[[], np.ndarray]:
@@ -71,13 +78,15 @@ SAMPLES: dict[str, Callable[[], np.ndarray]] = {
 @dataclass(frozen=True)
 class ModelKey:
     name: str
-    weights: str
+    weights: str  # default, hub, random, upload:DIGEST or an allowed server path
     device: str
     learned: str = ""  # digests of uploaded learned-reducer files, if any
+    label: str = ""  # what to call the weights (an uploaded checkpoint's file name)
 
     def describe(self) -> str:
         name = "DINOv2 ViT-S/14 (embedded default)" if self.name == "default" else self.name
-        weights = "" if self.weights == "default" else f", {self.weights} weights"
+        shown = self.label or self.weights
+        weights = "" if self.weights == "default" else f", {shown} weights"
         learned = ", uploaded reducer weights" if self.learned else ""
         return f"{name}{weights}{learned}"
 
@@ -92,6 +101,38 @@ class ImageChoice:
     key: str  # stable identity: a sample name or the upload's hash
     label: str
     image: Image.Image
+    notes: tuple[str, ...] = ()  # how the file was read (first frame only, downscaled)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """An uploaded file: its name as the user knows it, and its bytes."""
+
+    name: str
+    data: bytes
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(self.data).hexdigest()
+
+
+def notify(message: str, kind: str = "error") -> None:
+    """A message for the main area too (where the user is looking), shown by
+    :func:`show_notices` under the page title; the sidebar keeps its own copy."""
+    notices = st.session_state.setdefault(NOTICES, [])
+    if (kind, message) not in notices:
+        notices.append((kind, message))
+
+
+def show_notices() -> None:
+    """This run's notices from the sidebar inputs, at the top of the main area."""
+    for kind, message in st.session_state.pop(NOTICES, []):
+        if kind == "error":
+            st.error(message, icon=":material/error:")
+        elif kind == "warning":
+            st.warning(message, icon=":material/warning:")
+        else:
+            st.info(message, icon=":material/info:")
 
 
 def keep_widget_state(*keys: str) -> None:
@@ -116,11 +157,39 @@ def resolve_device(choice: str) -> tuple[str, str | None]:
     "model's weights, about 10 s)…",
     max_entries=3,
 )
-def cached_model(name: str, weights: str, device: str) -> LoadedModel:
-    """One shared, read-only model per (name, weights, device) for all sessions."""
+def _shared_model(name: str, weights: str, device: str) -> LoadedModel:
     if name == "default":
         return load_model("default", device=device)
     return load_model(name, weights=weights, device=device)
+
+
+def cached_model(name: str, weights: str, device: str) -> LoadedModel:
+    """One shared, read-only model per (name, weights, device) for all sessions.
+
+    ``weights`` that name a server file are read only inside the folders the operator
+    allows (:mod:`analysis.access`); otherwise AccessError, whether the file exists or not.
+    """
+    named = ("default", "hub") if name == "default" else ("default", "hub", "random")
+    if weights not in named:
+        weights = str(check_server_path(weights, what="checkpoint"))
+    return _shared_model(name, weights, device)
+
+
+@st.cache_resource(show_spinner="Loading the uploaded checkpoint…", max_entries=2)
+def uploaded_model(name: str, digest: str, device: str, _upload: Upload) -> LoadedModel:
+    """A model built from an uploaded checkpoint, shared by digest (read once)."""
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / safe_file_name(_upload.name, CHECKPOINT_TYPES)
+        path.write_bytes(_upload.data)
+        model = load_model(name, weights=path, device=device)
+    return dataclasses.replace(model, weights=f"uploaded {shorten(_upload.name, 60)}")
+
+
+def safe_file_name(name: str, suffixes: list[str]) -> str:
+    """A local file name for an upload: its own name (for messages), made harmless."""
+    base = Path(name).name.replace("\0", "")[-100:] or "upload"
+    suffix = Path(base).suffix.lower().lstrip(".")
+    return base if suffix in suffixes else f"{base}.{suffixes[0]}"
 
 
 @st.cache_resource(show_spinner=False, max_entries=1)
@@ -130,15 +199,63 @@ def timm_vit_names() -> list[str]:
     return sorted(set(timm.list_models(["vit_*", "deit*"])))
 
 
+def _model_message(error: TokenScopeError, key: ModelKey) -> str:
+    """A load failure in the app's words (the core's speak of the Python API)."""
+    if isinstance(error, OfflineError):
+        return (
+            f"The pretrained weights of **{shorten(key.name, 60)}** are not stored on this "
+            "server, and the Hugging Face hub cannot be reached from it. Choose **random** "
+            "weights, or **Local checkpoint** to upload a checkpoint file."
+        )
+    return str(error)
+
+
+def _checkpoint_inputs(arch: str) -> tuple[ModelKey | None, Upload | None]:
+    """The checkpoint: uploaded, or a server path when the operator allows folders."""
+    folders = allowed_folders()
+    mode = UPLOADED
+    if folders:
+        mode = st.sidebar.radio(
+            "Checkpoint from", [UPLOADED, SERVER_PATH], horizontal=True, key="ckpt_mode"
+        )
+    if mode == SERVER_PATH:
+        path = st.sidebar.text_input(
+            "Checkpoint path (.safetensors, .pth, .pt)",
+            key="ckpt_path",
+            placeholder=str(folders[0] / "model.safetensors"),
+            max_chars=1024,
+        )
+        st.sidebar.caption(f"Allowed folders: {', '.join(str(f) for f in folders)}")
+        if not path.strip():
+            st.sidebar.info("Enter a checkpoint path; meanwhile the default model is shown.")
+            return None, None
+        return ModelKey(arch, path.strip(), "cpu"), None
+    upload = st.sidebar.file_uploader(
+        "Checkpoint file (.safetensors, .pth, .pt)",
+        type=CHECKPOINT_TYPES,
+        key="ckpt_upload",
+        help="A state dict for the architecture above. Torch files are read with "
+        "weights_only=True, so they cannot run code.",
+    )
+    if upload is None:
+        st.sidebar.info("Upload a checkpoint; meanwhile the default model is shown.")
+        return None, None
+    file = Upload(upload.name, upload.getvalue())
+    key = ModelKey(arch, f"upload:{file.digest[:16]}", "cpu", label=f"uploaded {upload.name}")
+    return key, file
+
+
 def model_sidebar() -> tuple[LoadedModel, ModelKey]:
     """Model and device inputs; falls back to the default model when a choice fails."""
+    st.session_state[NOTICES] = []  # the first sidebar input of every page
     keep_widget_state("model_source", "timm_name", "timm_weights", "ckpt_arch", "ckpt_path")
-    keep_widget_state("device")
+    keep_widget_state("device", "ckpt_mode")
     st.sidebar.header("Model")
     source = st.sidebar.radio(
         "Source", [DEFAULT_SOURCE, TIMM_SOURCE, CHECKPOINT_SOURCE], key="model_source"
     )
     key = ModelKey("default", "default", "cpu")
+    upload: Upload | None = None
     names = timm_vit_names() if source != DEFAULT_SOURCE else []
     for key_name in ("timm_name", "ckpt_arch"):
         if names and st.session_state.get(key_name) is None:
@@ -167,36 +284,34 @@ def model_sidebar() -> tuple[LoadedModel, ModelKey]:
             key="ckpt_arch",
             accept_new_options=True,
         )
-        path = st.sidebar.text_input(
-            "Checkpoint path (.safetensors, .pth, .pt)",
-            key="ckpt_path",
-            placeholder="/path/to/model.safetensors",
-        )
-        if path.strip():
-            key = ModelKey(str(arch), str(Path(path.strip()).expanduser()), "cpu")
-        else:
-            st.sidebar.info("Enter a checkpoint path; meanwhile the default model is shown.")
+        chosen, upload = _checkpoint_inputs(str(arch))
+        key = chosen or key
     choice = st.sidebar.radio("Device", DEVICES, horizontal=True, key="device")
     device, warning = resolve_device(choice)
     if warning:
         st.sidebar.warning(warning)
-    key = ModelKey(key.name, key.weights, device)
+    key = dataclasses.replace(key, device=device)
     failures = st.session_state.setdefault("model_failures", {})
     if key not in failures:  # a failed load (e.g. offline hub) is not retried on every rerun
         try:
-            model = cached_model(key.name, key.weights, key.device)
-        except ModelLoadError as error:
-            failures[key] = str(error)
+            if upload is not None:
+                model = uploaded_model(key.name, key.weights, key.device, upload)
+            else:
+                model = cached_model(key.name, key.weights, key.device)
+        except TokenScopeError as error:
+            failures[key] = _model_message(error, key)
         else:
             return learned_sidebar(model, key)
-    st.sidebar.error(f"{failures[key]}\n\nShowing the embedded default model instead.")
+    message = f"{failures[key]}\n\nShowing the embedded default model instead."
+    st.sidebar.error(message)
+    notify(f"Model: {message}")
     if st.sidebar.button("Retry loading", key="retry_model"):
         failures.pop(key, None)
         st.rerun()
     fallback = ModelKey("default", "default", device)
     try:
         return cached_model(fallback.name, fallback.weights, fallback.device), fallback
-    except ModelLoadError as error:
+    except TokenScopeError as error:
         st.error(str(error))
         st.stop()
         raise  # unreachable: st.stop() ends the run
@@ -210,7 +325,8 @@ def learned_upload(
     with tempfile.TemporaryDirectory() as folder:
         path = Path(folder) / "upload.safetensors"
         path.write_bytes(_data)
-        return load_learned(path, _model)
+        weights = load_learned(path, _model)
+    return weights
 
 
 def learned_sidebar(model: LoadedModel, key: ModelKey) -> tuple[LoadedModel, ModelKey]:
@@ -230,8 +346,10 @@ def learned_sidebar(model: LoadedModel, key: ModelKey) -> tuple[LoadedModel, Mod
         digest = hashlib.sha256(data).hexdigest()[:16]
         try:
             weights = learned_upload(digest, key.cache_key(), data, model)
-        except ModelLoadError as error:
-            st.sidebar.error(f"Cannot use **{upload.name}**: {error}")
+        except TokenScopeError as error:
+            message = f"Cannot use the reducer weights **{upload.name}**: {error}"
+            st.sidebar.error(message)
+            notify(message)
             continue
         named = {**weights.metadata, "source": upload.name}  # the cached object stays as is
         found.append(dataclasses.replace(weights, metadata=named))
@@ -255,50 +373,112 @@ def learned_provenance(model: LoadedModel) -> None:
 
 @st.cache_resource(show_spinner=False, max_entries=len(SAMPLES))
 def sample_image(name: str) -> Image.Image:
-    return load_image(Image.fromarray(SAMPLES[name]()))
+    return read_image(Image.fromarray(SAMPLES[name]())).image
 
 
 @st.cache_resource(show_spinner=False, max_entries=8)
-def decoded_upload(digest: str, _data: bytes) -> Image.Image:
-    """An uploaded image decoded once (keyed by its hash); raises ImageError."""
-    return load_image(_data)
+def decoded_upload(digest: str, name: str, _data: bytes) -> DecodedImage:
+    """An uploaded image decoded once (keyed by its hash); only a copy of at most about
+    4 MP is kept. Raises ImageError."""
+    return read_image(_data, name=name, max_pixels=WORKING_PIXELS)
 
 
 def image_sidebar() -> ImageChoice:
     """Sample or upload; a file that cannot be read keeps the previous image on screen."""
     keep_widget_state("sample")
     st.sidebar.header("Image")
-    sample = st.sidebar.selectbox("Sample image", list(SAMPLES), key="sample")
+    uploaded = st.session_state.get("upload") is not None  # the box must not claim a sample
+    sample = st.sidebar.selectbox(
+        "Sample image",
+        list(SAMPLES),
+        key="sample",
+        disabled=uploaded,
+        format_func=(lambda name: f"{name} (not in use: an upload is)") if uploaded else str,
+    )
     upload = st.sidebar.file_uploader(
         "…or your own image",
         type=UPLOAD_TYPES,
         key="upload",
-        help="jpg, png, webp, bmp, tiff or gif (first frame); any colour mode.",
+        help="jpg, png, webp, bmp, tiff or gif (first frame); any colour mode; up to 64 "
+        "megapixels.",
     )
     choice = ImageChoice(f"sample:{sample}", sample, sample_image(sample))
     if upload is not None:
         data = upload.getvalue()
         digest = hashlib.sha256(data).hexdigest()
         try:
-            choice = ImageChoice(f"upload:{digest}", upload.name, decoded_upload(digest, data))
+            decoded = decoded_upload(digest, upload.name, data)
         except ImageError as error:
             previous = st.session_state.get("last_good_image")
             kept = previous if isinstance(previous, ImageChoice) else choice
-            st.sidebar.error(
-                f"Cannot use **{upload.name}**: {error}. Showing {kept.label} instead."
-            )
+            message = f"Cannot use **{upload.name}**: {error}. Showing {kept.label} instead."
+            st.sidebar.error(message)
+            notify(message)
             return kept
+        choice = ImageChoice(f"upload:{digest}", upload.name, decoded.image, decoded.notes)
         st.sidebar.caption("Remove the upload to go back to the samples.")
+    for note in choice.notes:
+        st.sidebar.caption(note)
     st.session_state["last_good_image"] = choice
     return choice
 
 
-def crop_sidebar(choice: ImageChoice, model: LoadedModel) -> CropInfo:
-    """Show how the image is fitted to the model's input, and return that fit."""
-    _, crop = fit_to_input(choice.image, model.data_config)
+FIT_LABELS = {"crop": "Centre crop", "pad": "Pad to square"}
+
+
+@st.cache_resource(show_spinner=False, max_entries=16)
+def fitted_image(
+    image_key: str, mode: str, _model: LoadedModel, _image: Image.Image
+) -> FittedImage:
+    """The image fitted by ``mode`` (a padded canvas is made once per image)."""
+    return fit_image(_image, _model.data_config, mode)
+
+
+def fit_choice(
+    choice: ImageChoice, model: LoadedModel, mode: str
+) -> tuple[ImageChoice, FittedImage]:
+    """The image the model runs on under ``mode``. A padded canvas gets its own key and
+    label, so that runs, caches and figures never take it for the original."""
+    config = hashlib.sha256(repr(model.data_config).encode()).hexdigest()[:8]
+    key = f"{choice.key}|{config}"  # the canvas depends on the input size and mean colour
+    fitted = fitted_image(key, mode, model, choice.image)
+    if mode == "pad":
+        label = f"{choice.label} (padded)"
+        choice = ImageChoice(f"pad:{key}", label, fitted.image, choice.notes)
+    return choice, fitted
+
+
+def crop_sidebar(choice: ImageChoice, model: LoadedModel) -> tuple[ImageChoice, CropInfo]:
+    """The fit to the model's square input (centre crop, or pad to square first), shown
+    as the model sees it; returns the image the model runs on and its crop."""
+    keep_widget_state("fit_mode")
+    mode = st.sidebar.radio(
+        "Fit to the model's square input",
+        FIT_MODES,
+        format_func=FIT_LABELS.get,
+        horizontal=True,
+        key="fit_mode",
+        help="Centre crop: timm's eval transform, as the model was trained; a wide or tall "
+        "image loses its sides. Pad to square: the whole image on a square of the "
+        "dataset's mean colour.",
+    )
+    choice, fitted = fit_choice(choice, model, mode)
+    crop = fitted.crop
     st.sidebar.image(to_png(render_crop_box(choice.image, crop), fast=True), output_format="PNG")
-    st.sidebar.caption(f"Model input (yellow box): {crop.describe()}")
-    return crop
+    st.sidebar.caption(f"Model input (yellow box): {fitted.describe()}")
+    if mode == "pad":
+        st.sidebar.caption(
+            "The padding is the dataset's mean colour, zero once normalised, but its patches "
+            "are still tokens: the model sees them, and reducers merge or drop them."
+        )
+    for note in choice.notes:
+        if "first one" in note:
+            notify(note, "info")
+    for warning in (fitted.warning(), crop.warning()):
+        if warning:
+            st.sidebar.warning(warning)
+            notify(f"**{choice.label}**: {warning}", "warning")
+    return choice, crop
 
 
 @st.cache_data(show_spinner=False, max_entries=16)
@@ -331,16 +511,25 @@ def cached_run(
 def timed_run(
     model: LoadedModel, images: Image.Image | list[Image.Image], schedule_json: str
 ) -> TimedRun:
-    """Run and time a schedule; outputs move to the CPU so that caches hold no GPU memory."""
+    """Run and time a schedule; outputs move to the CPU so that caches hold no GPU memory.
+
+    When the GPU runs out of memory, the run is repeated on a CPU copy of the model and
+    ``device`` says so."""
     start = time.perf_counter()
-    result = run(model, images, parse_schedule(schedule_json))
+    device = str(model.device)
+    try:
+        result = run(model, images, parse_schedule(schedule_json))
+    except DeviceMemoryError:
+        start = time.perf_counter()
+        result = run(cpu_replica(model), images, parse_schedule(schedule_json))
+        device = "cpu (the GPU ran out of memory)"
     seconds = time.perf_counter() - start
     result = dataclasses.replace(
         result,
         logits=None if result.logits is None else result.logits.cpu(),
         features=result.features.cpu(),
     )
-    return TimedRun(result, seconds, str(model.device))
+    return TimedRun(result, seconds, device)
 
 
 def check_schedule(text: str, model: LoadedModel) -> Schedule:

@@ -23,6 +23,7 @@ from PIL import Image
 
 from analysis import LoadedModel, RunResult, Schedule, ScheduleError, TokenScopeError
 from analysis.agreement import METRICS, agreement_matrix, agreement_over_layers
+from analysis.figure_config import panel_config
 from analysis.flops import count_macs
 from analysis.images import CropInfo, fit_to_input
 from analysis.presets import MATCHED_PERCENTS
@@ -39,13 +40,16 @@ from app_pages.common import (
     check_schedule,
     crop_sidebar,
     display_array,
+    fit_choice,
     image_sidebar,
     keep_widget_state,
     model_sidebar,
     sample_image,
+    show_notices,
     timed_run,
     usable_presets,
 )
+from app_pages.figures_link import figure_image, send_to_figures
 from viz import compare, overlays, summary
 from viz.schedule_table import CUSTOM_PRESET, matching_preset
 
@@ -56,6 +60,7 @@ DEFAULT_TARGET_PERCENT = 65.0
 DEFAULT_COST = MATCHED_PERCENTS[0] / 100  # the columns open on the 75 % matched presets
 DEFAULT_SET_SIZE = 4
 GRID_CELL = 176
+LEGEND_WIDTH, LEGEND_HEIGHT = 760, 26  # the views' legends under the columns, in pixels
 SCHEDULE_HELP = (
     "`METHOD:key=value,…@LAYERS`, parts joined by `;`; layers are 0-based. In matched "
     "mode the method's strength parameter is solved and the rest is kept as written."
@@ -240,8 +245,11 @@ def default_texts(model: LoadedModel, choices: dict[str, str]) -> list[str]:
     explored = st.session_state.get("schedule_text")
     if isinstance(explored, str):
         try:
-            if not check_schedule(explored, model).is_empty:
-                texts = [explored, *(t for t in texts if t != explored)]
+            first = check_schedule(explored, model)
+            if not first.is_empty:  # the others: one column per other method
+                same = set(first.methods())
+                others = [t for t in texts if not same & set(parse_schedule(t).methods())]
+                texts = [explored, *others]
         except ScheduleError:
             pass
     texts = texts or ["none"]
@@ -373,15 +381,26 @@ def cached_batch_run(
     return timed_run(_model, list(_images), schedule_json)
 
 
-def image_set(choice: ImageChoice, samples: list[str]) -> ImageSet:
+def image_set(choice: ImageChoice, samples: list[str], model: LoadedModel) -> ImageSet:
+    """The page's image, then the samples, fitted as the page's image is (crop or pad)."""
+    mode = st.session_state.get("fit_mode", "crop")
     keys, labels, images = [choice.key], [choice.label], [choice.image]
     for name in samples:
-        key = f"sample:{name}"
-        if key not in keys:
-            keys.append(key)
-            labels.append(name)
-            images.append(sample_image(name))
+        sample, _ = fit_choice(ImageChoice(f"sample:{name}", name, sample_image(name)), model, mode)
+        if sample.key not in keys:
+            keys.append(sample.key)
+            labels.append(sample.label)
+            images.append(sample.image)
     return ImageSet(tuple(keys), tuple(labels), tuple(images))
+
+
+def _runs_label(jobs: list[tuple[int | None, str]]) -> str:
+    """What a batch of runs is, in words: the full model is no column's schedule."""
+    count = sum(index is not None for index, _ in jobs)
+    parts = ["the full model"] if any(index is None for index, _ in jobs) else []
+    if count:
+        parts.append(f"{count} schedule{'' if count == 1 else 's'}")
+    return " and ".join(parts)
 
 
 def set_runs(
@@ -399,15 +418,13 @@ def set_runs(
     status = None
     if fresh:
         status = st.status(
-            f"Running {len(fresh)} schedule(s) on {_images(len(images.keys))}…", expanded=False
+            f"Running {_runs_label(fresh)} on {_images(len(images.keys))}…", expanded=False
         )
     full, runs = None, {}
-    for position, (index, text) in enumerate(jobs):
+    for index, text in jobs:
         if status is not None:
-            status.update(
-                label=f"Running schedule {position + 1} of {len(jobs)} on "
-                f"{_images(len(images.keys))}…"
-            )
+            what = "the full model" if index is None else f"column {LETTERS[index]}"
+            status.update(label=f"Running {what} on {_images(len(images.keys))}…")
         try:
             timed = cached_batch_run(key, images.keys, text, model, images.images)
         except (TokenScopeError, RuntimeError) as error:  # torch's too: the page goes on
@@ -421,7 +438,7 @@ def set_runs(
             runs[index] = timed
     if status is not None:
         status.update(
-            label=f"Ran {len(fresh)} schedule(s) on {_images(len(images.keys))}", state="complete"
+            label=f"Ran {_runs_label(fresh)} on {_images(len(images.keys))}", state="complete"
         )
     return full, runs
 
@@ -433,7 +450,7 @@ def compare_page() -> None:
     keep_widget_state(*PAGE_KEYS)
     model, model_key = model_sidebar()
     choice = image_sidebar()
-    crop = crop_sidebar(choice, model)
+    choice, crop = crop_sidebar(choice, model)  # the padded canvas, when padding
     samples = image_set_sidebar()
 
     st.title("Compare")
@@ -441,6 +458,7 @@ def compare_page() -> None:
         "Two to four schedules on the same image, side by side: what each keeps, merges and "
         "drops at one shared layer, what it costs, and how much the methods agree."
     )
+    show_notices()
     count, target = comparison_controls(full_gmacs(model.facts, model.module))
     texts = schedule_inputs(model, count)
     try:
@@ -455,7 +473,7 @@ def compare_page() -> None:
         run_column(i, text, model, model_key, choice, target) for i, text in enumerate(texts)
     ]
     column_status(columns)
-    images = image_set(choice, samples)
+    images = image_set(choice, samples, model)
     comparison(model, model_key, choice, crop, full, columns, images, target)
 
 
@@ -504,7 +522,13 @@ def comparison(
     depth = model.facts.depth
     if state.get("compare_layer", depth - 1) > depth - 1:
         state["compare_layer"] = depth - 1
-    state.setdefault("compare_layer", depth - 1)
+    # Open where the schedules act (the last layer with scores in some column), and follow
+    # new schedules there until the user moves the slider.
+    good = [c for c in columns if c.ok]
+    opening = overlays.opening_layer([c.result.trace for c in good])
+    if "compare_layer" not in state or state["compare_layer"] == state.get("compare_opening"):
+        state["compare_layer"] = opening
+    state["compare_opening"] = opening
     state.setdefault("compare_views", ["segments", "pruned", "heatmap"])
     controls = st.columns([3, 3, 2], vertical_alignment="bottom")
     layer = controls[0].slider(
@@ -529,7 +553,6 @@ def comparison(
         format_func={"mean": "mean colour", "tint": "tint"}.get,
     )
     colors = compare.method_colors(len(LETTERS))
-    good = [c for c in columns if c.ok]
     image = display_array(choice.key, crop, full.result.trace.grid, choice.image)
     for column, cell in zip(columns, st.columns(len(columns)), strict=True):
         with cell:
@@ -544,6 +567,12 @@ def comparison(
                 model,
                 colors,
             )
+    view_legends(views or [], depth)
+    note = summary.attention_artefact_note(
+        model.name, [m for c in good if c.schedule is not None for m in c.schedule.methods()]
+    )
+    if note:
+        st.caption(f":material/info: {note}")
 
     st.subheader("Summary", divider="gray")
     metric_name = state.get("compare_metric", "iou")
@@ -555,7 +584,11 @@ def comparison(
         used = [colors[c.index] for c in good]
         left.plotly_chart(
             compare.tokens_lines(
-                {c.name: c.result.tokens for c in good}, full.result.tokens, layer, colors=used
+                {c.name: c.result.tokens for c in good},
+                full.result.tokens,
+                layer,
+                colors=used,
+                styles=[c.index for c in good],
             ),
             key="compare_tokens",
         )
@@ -607,9 +640,37 @@ def comparison(
     )
     right.caption(
         "Model, images, schedules (as written and as run), layer, view, grid layers, metric "
-        "and matched target: what the Figures page needs to draw this comparison again. "
-        "Each grid has its PNG download under it."
+        "and matched target. **Send to Figures** opens the Figures page on either grid, "
+        "labelled with readable method names and sized for print (PDF, SVG, PNG)."
     )
+    if good:
+        figure_buttons(model, good, images, layer, grid_view, grid_layers)
+
+
+def figure_buttons(
+    model: LoadedModel,
+    good: list[Column],
+    images: ImageSet,
+    layer: int,
+    view: str,
+    grid_layers: list[int],
+) -> None:
+    """Send either grid to the Figures page, with the schedules that ran."""
+    specs = [
+        figure_image(key, label, image)
+        for key, label, image in zip(images.keys, images.labels, images.images, strict=True)
+    ]
+    pictures = {spec.source: image for spec, image in zip(specs, images.images, strict=True)}
+    schedules = [column.ran for column in good]
+    left, right = st.columns(2)
+    if left.button("Send images × methods to Figures", icon=":material/image:"):
+        config = panel_config(model, schedules, specs, view=view, layers=[layer], rows="images")
+        send_to_figures(config, model=model, images=pictures)
+    if right.button("Send methods × layers to Figures", icon=":material/image:"):
+        config = panel_config(
+            model, schedules, specs[:1], view=view, layers=grid_layers, rows="methods"
+        )
+        send_to_figures(config, model=model, images={specs[0].source: images.images[0]})
 
 
 def column_views(
@@ -646,14 +707,18 @@ def column_views(
     output_metric(metrics[1], result, full.result, model)
     for view in views:
         at = None if view == "depth" else layer  # token depth is the same at every layer
-        signature = json.dumps([source, column.key, view, at, segment_mode])
-        draw = partial(compare.render_view, image, result.trace, view, layer)
+        signature = json.dumps([source, column.key, view, at, segment_mode, "bare"])
+        # No colour bar inside the picture: scaled into a narrow column its labels shrink
+        # to a few pixels. The legends sit under the columns (view_legends), readable.
+        draw = partial(compare.render_view, image, result.trace, view, layer, legend=False)
         png = cached_picture(signature, partial(draw, segment_mode=segment_mode))
         st.markdown(f"**{compare.VIEWS[view]}**" + (" (all layers)" if view == "depth" else ""))
         if png is None:
             st.info(no_scores_message(result, layer), icon=":material/info:")
         else:
             st.image(png, output_format="PNG", width="stretch")
+            if view == "heatmap":
+                st.caption(score_range(result, layer))
     if result.logits is not None and full.result.logits is not None:
         top5(result, full.result, model)
 
@@ -665,11 +730,30 @@ def cached_picture(signature: str, _draw: Callable[[], np.ndarray | None]) -> by
     return None if picture is None else overlays.to_png(picture, fast=True)
 
 
+def view_legends(views: list[str], depth: int) -> None:
+    """One legend per view shown, named, under all the columns, at its own size."""
+    for view in views:
+        strip = compare.legend_strip(view, depth, LEGEND_WIDTH, height=LEGEND_HEIGHT)
+        if strip is not None:
+            name, legend = st.columns([1, 6], vertical_alignment="center")
+            name.markdown(f"**{compare.VIEWS[view]}**")
+            legend.image(overlays.to_png(strip, fast=True), width=int(strip.shape[1]))
+
+
+def score_range(result: RunResult, layer: int) -> str:
+    """The scores behind a heatmap's colours, from dark to bright (the colour bar's ticks)."""
+    scores = overlays.layer_scores(result.trace, layer)
+    found = scores[np.isfinite(scores)] if scores is not None else np.array([])
+    if found.size == 0:
+        return ""
+    return f"Scores from {found.min():.3g} (dark) to {found.max():.3g} (bright)."
+
+
 def no_scores_message(result: RunResult, layer: int) -> str:
     scored = overlays.scored_layers(result.trace)
     if not scored:
         return "This schedule's methods compute no importance scores."
-    return f"No scores at layer {layer}; scores exist at layer {', '.join(map(str, scored))}."
+    return f"No scores at layer {layer}; scores exist at layer {overlays.describe_layers(scored)}."
 
 
 def output_metric(cell, result: RunResult, full: RunResult, model: LoadedModel) -> None:

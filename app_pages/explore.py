@@ -18,6 +18,8 @@ from PIL import Image
 
 from analysis import LoadedModel, Schedule, ScheduleError, TokenScopeError, parse_schedule
 from analysis.curves import Point
+from analysis.errors import shorten
+from analysis.figure_config import cost_config, panel_config
 from analysis.images import CropInfo
 from analysis.imagesets import image_set_of
 from analysis.reducers import REDUCERS
@@ -40,8 +42,11 @@ from app_pages.common import (
     image_sidebar,
     keep_widget_state,
     model_sidebar,
+    notify,
+    show_notices,
     usable_presets,
 )
+from app_pages.figures_link import figure_image, send_to_figures
 from viz import charts, overlays, summary, tradeoff
 from viz.schedule_table import (
     CUSTOM_PRESET,
@@ -55,7 +60,14 @@ from viz.schedule_table import (
 )
 
 DOWNLOAD_MAX_SIDE = 2048
-PAGE_WIDGETS = ("schedule_text", "schedule_preset", "layer", "segment_mode", "segment_boundaries")
+PAGE_WIDGETS = (
+    "schedule_text",
+    "schedule_preset",
+    "layer",
+    "segment_mode",
+    "segment_boundaries",
+    "heatmap_smooth",
+)
 SCHEDULE_HELP = (
     "`METHOD:key=value,…@LAYERS` parts joined by `;`. Layers are 0-based: `3,6,9` or `0-5`; "
     "no `@` means the method's default placement ("
@@ -141,8 +153,9 @@ def schedule_sidebar(model: LoadedModel, choices: dict[str, str]):
         state["last_valid_schedule"] = schedule.to_json()
     except ScheduleError as error:
         schedule = _fallback_schedule(model)
-        shown = "no reduction" if schedule.is_empty else f"`{schedule.to_text()}`"
+        shown = "no reduction" if schedule.is_empty else f"`{shorten(schedule.to_text())}`"
         slot.error(f"{error}\n\nShowing the last valid schedule: {shown}.")
+        notify(f"Schedule: {error}\n\nShowing the last valid schedule: {shown}.")
 
     st.sidebar.caption(
         "Or edit it layer by layer: **Per-layer schedule editor**, above the pictures."
@@ -270,7 +283,7 @@ def _no_scores_message(view: View, layer: int) -> str:
         message = f"No reducer runs at layer {layer}, so there are no importance scores"
     scored = overlays.scored_layers(trace)
     if scored:
-        return f"{message}. Scores exist after layer {', '.join(map(str, scored))}."
+        return f"{message}. Scores exist at layer {overlays.describe_layers(scored)}."
     return f"{message}. None of this schedule's methods scores tokens."
 
 
@@ -282,20 +295,37 @@ def layer_views(view: View) -> None:
     state = st.session_state
     if state.get("layer", depth - 1) > depth - 1:
         state["layer"] = depth - 1
-    state.setdefault("layer", depth - 1)
-    top = st.columns([3, 2, 1], vertical_alignment="bottom")
+    # Open where the schedule acts (its last scored layer), and follow a new schedule there
+    # until the user moves the slider: the last layer is often empty.
+    opening = overlays.opening_layer([trace])
+    if "layer" not in state or state["layer"] == state.get("layer_opening"):
+        state["layer"] = opening
+    state["layer_opening"] = opening
+    top = st.columns([3, 2, 1, 1], vertical_alignment="bottom")
     layer = top[0].slider(
         "State after layer", 0, depth - 1, key="layer", help="0-based; the input has every patch"
     )
     mode = top[1].radio("Segments", ["mean colour", "tint"], horizontal=True, key="segment_mode")
     state.setdefault("segment_boundaries", True)
     boundaries = top[2].toggle("Boundaries", key="segment_boundaries")
+    smooth = top[3].toggle(
+        "Smooth",
+        key="heatmap_smooth",
+        help="Off: each patch shows the score its token was ranked by. On: interpolated "
+        "between patch centres, softer but no longer the values the reducer used.",
+    )
     record = trace.layers[layer]
     methods = ", ".join(REDUCERS[m].label if m in REDUCERS else m for m in record.methods)
+    scored = overlays.scored_layers(trace)
     st.caption(
         f"After layer {layer}: **{record.tokens}** tokens "
         f"(of {view.full.result.trace.layers[layer].tokens}); "
         + (f"reduced here by {methods}." if methods else "no reducer at this layer.")
+        + (
+            f" Importance scores at layer {overlays.describe_layers(scored)}."
+            if scored
+            else " No method of this schedule scores tokens."
+        )
     )
 
     draw_segments = partial(
@@ -307,25 +337,29 @@ def layer_views(view: View) -> None:
     )
     draw_pruned = partial(overlays.render_pruned, trace=trace, layer=layer)
     draw_depth = partial(overlays.render_token_depth, trace=trace)
-    draw_heatmap = partial(overlays.render_heatmap, trace=trace, layer=layer)
+    draw_heatmap = partial(overlays.render_heatmap, trace=trace, layer=layer, smooth=smooth)
     has_scores = overlays.layer_scores(trace, layer) is not None
 
     left, right = st.columns(2)
     with left:
         st.markdown("**Merged-token segments**")
         _picture(view, draw_segments)
-        st.caption("Each token's patches form one segment; colours follow a segment across layers.")
+        st.caption(
+            "A segment per token (tint: only tokens of several patches are coloured; a "
+            "colour follows its segment across layers). Hatched: pruned, as on the right."
+        )
         _png_button("Segments PNG", view, draw_segments, f"segments_layer{layer}.png")
     with right:
         st.markdown("**Pruned patches**")
         _picture(view, draw_pruned)
         st.caption(
-            "Colour: a token of its own · grey: merged or fused with others · dark: dropped."
+            "Image: a token of its own · grey, outlined: merged with others · amber \\\\ "
+            "hatching: pruned and fused into EViT's extra token · light / hatching: dropped."
         )
         _png_button("Pruned PNG", view, draw_pruned, f"pruned_layer{layer}.png")
     left, right = st.columns(2)
     with left:
-        st.markdown("**Token depth**: the layer where each patch was merged or dropped")
+        st.markdown("**Token depth**: the layer where each patch was merged, fused or dropped")
         st.image(_token_depth_png(view.key, view), output_format="PNG", width="stretch")
         _png_button("Token depth PNG", view, draw_depth, "token_depth.png")
     with right:
@@ -334,7 +368,11 @@ def layer_views(view: View) -> None:
             st.info(_no_scores_message(view, layer))
         else:
             _picture(view, draw_heatmap)
-            st.caption("Scores the reducer ranked tokens by; dark patches were already gone.")
+            st.caption(
+                "The score each patch's token was ranked by, one colour per patch. Light / "
+                "hatching: gone before this layer; amber \\\\ stripes: in the fused token, "
+                "which has one score."
+            )
             _png_button("Heatmap PNG", view, draw_heatmap, f"heatmap_layer{layer}.png")
 
 
@@ -445,7 +483,7 @@ def explore_page() -> None:
     keep_widget_state(*PAGE_WIDGETS)
     model, model_key = model_sidebar()
     choice: ImageChoice = image_sidebar()
-    crop = crop_sidebar(choice, model)
+    choice, crop = crop_sidebar(choice, model)  # the padded canvas, when padding
     choices = usable_presets(model)
     schedule, schedule_slot = schedule_sidebar(model, choices)
 
@@ -454,6 +492,7 @@ def explore_page() -> None:
         "One image through the ViT, layer by layer: which patches merge, which are dropped, "
         "and the scores the reducers used."
     )
+    show_notices()
     key = model_key.cache_key()
     try:
         full = cached_run(key, choice.key, parse_schedule("none").to_json(), model, choice.image)
@@ -461,6 +500,7 @@ def explore_page() -> None:
             reduced = cached_run(key, choice.key, schedule.to_json(), model, choice.image)
         except ScheduleError as error:
             schedule_slot.error(f"{error}\n\nShowing the full model.")
+            st.error(f"Schedule: {error}\n\nShowing the full model.", icon=":material/error:")
             reduced = full
     except TokenScopeError as error:
         st.error(str(error))
@@ -480,6 +520,9 @@ def explore_page() -> None:
         key=(*key, choice.key, reduced.result.schedule.to_json()),
     )
     layer_views(view)
+    note = summary.attention_artefact_note(model.name, result.schedule.methods())
+    if note:
+        st.caption(f":material/info: {note}")
     cost_charts(view)
     with st.expander("Where this schedule sits on the trade-off", expanded=True):
         tradeoff_panel(view, model, model_key, choice.key)
@@ -511,6 +554,26 @@ def explore_page() -> None:
             icon=":material/download:",
         )
     cols[2].caption("Each picture has its own PNG download under it, at full resolution.")
+    explore_figure_buttons(model, choice, result.schedule.to_text())
+
+
+def explore_figure_buttons(model: LoadedModel, choice: ImageChoice, schedule: str) -> None:
+    """Send this schedule to the Figures page: its views over layers, or its cost."""
+    depth = model.facts.depth
+    layers = sorted({*range(depth // 4, depth, max(1, depth // 4)), depth - 1})
+    spec = figure_image(choice.key, choice.label, choice.image)
+    cols = st.columns(3)
+    view = cols[0].selectbox(
+        "Figure view",
+        ["segments", "pruned", "depth", "heatmap"],
+        key="figure_view",
+        help="What the panel figure shows, at layers " + ", ".join(map(str, layers)),
+    )
+    if cols[1].button("Send panel to Figures", icon=":material/image:", key="send_panel"):
+        config = panel_config(model, [schedule], [spec], view=view, layers=layers)
+        send_to_figures(config, model=model, images={spec.source: choice.image})
+    if cols[2].button("Send tokens per layer to Figures", icon=":material/image:", key="send_cost"):
+        send_to_figures(cost_config("tokens", model, ["none", schedule]), model=model)
 
 
 def _metrics(model: LoadedModel, model_key: ModelKey, reduced: TimedRun, full: TimedRun) -> None:

@@ -1,20 +1,20 @@
 """The Trade-off page's inputs: image sources, the method table, saved configurations.
 
 Layout only: every choice becomes an ``analysis`` record (an ImageSet, MethodSweeps, a
-SweepSpec). Server folders are offered only when the operator names allowed folders in
-``TOKENSCOPE_ALLOWED_FOLDERS`` (a path list, like PATH); users can always upload.
+SweepSpec). Server folders are offered only when the operator allows folders
+(``analysis.access``: ``TOKENSCOPE_ALLOWED_FOLDERS`` or ``--allow-folder``), the same rule
+as for checkpoints; users can always upload.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 
 import pandas as pd
 import streamlit as st
 
-from analysis import LoadedModel, ScheduleError, TokenScopeError
+from analysis import LoadedModel, ScheduleError, TokenScopeError, access
 from analysis.imagesets import (
     ImageSet,
     fashion_mnist_set,
@@ -31,15 +31,14 @@ SAMPLES = "Sample images"
 UPLOADS = "Upload images"
 FASHION = "Fashion-MNIST (labelled, k-NN)"
 FOLDER = "Server folder"
-ALLOWED_FOLDERS_ENV = "TOKENSCOPE_ALLOWED_FOLDERS"
+ALLOWED_FOLDERS_ENV = access.ALLOWED_FOLDERS_ENV
 MAX_UPLOADS = 64
 MAX_SET = 2000  # images per sweep in the app; the CLI has no such cap
 
 
 def allowed_folders() -> list[str]:
     """The folders the operator allows the app to read (none by default)."""
-    raw = os.environ.get(ALLOWED_FOLDERS_ENV, "")
-    return [item for item in raw.split(os.pathsep) if item.strip()]
+    return [str(folder) for folder in access.allowed_folders()]
 
 
 @st.cache_resource(show_spinner="Reading the sample images…", max_entries=1)
@@ -52,8 +51,15 @@ def cached_fashion(limit: int, bank_size: int) -> ImageSet:
     return fashion_mnist_set(limit=limit, bank_size=bank_size)
 
 
-@st.cache_resource(show_spinner="Reading the folder…", max_entries=4)
 def cached_folder(path: str, limit: int, model_classes: int | None) -> ImageSet:
+    """A server folder's images, only inside the allowed folders (AccessError otherwise,
+    whether the folder exists or not)."""
+    resolved = access.check_server_path(path, what="folder")
+    return _cached_folder(str(resolved), limit, model_classes)
+
+
+@st.cache_resource(show_spinner="Reading the folder…", max_entries=4)
+def _cached_folder(path: str, limit: int, model_classes: int | None) -> ImageSet:
     return folder_set(
         path, limit=limit, allowed_roots=allowed_folders(), model_classes=model_classes
     )
@@ -88,7 +94,7 @@ def image_source_inputs(model: LoadedModel) -> ImageSet | None:
                 "20-NN vote over the full model's features of the train images."
             )
             return cached_fashion(int(limit), int(bank))
-        path = st.text_input("Folder on the server", key="sweep_folder")
+        path = st.text_input("Folder on the server", key="sweep_folder", max_chars=1024)
         st.caption(f"Allowed: {', '.join(allowed_folders())}")
         if not path.strip():
             return None

@@ -14,6 +14,7 @@ import streamlit as st
 
 from analysis import LoadedModel, ScheduleError, TokenScopeError
 from analysis.curves import BOOTSTRAP_METHOD
+from analysis.figure_config import tradeoff_config
 from analysis.imagesets import ImageSet
 from analysis.metrics import METRICS
 from analysis.reducers import REDUCERS
@@ -31,7 +32,8 @@ from analysis.sweep import (
 )
 from analysis.sweep_cache import SweepCache
 from analysis.sweep_job import JobState, SweepJob
-from app_pages.common import ModelKey, keep_widget_state, model_sidebar
+from app_pages.common import ModelKey, keep_widget_state, model_sidebar, show_notices
+from app_pages.figures_link import send_to_figures
 from app_pages.sweep_inputs import image_source_inputs, images_for_spec, method_table, spec_upload
 from viz import tradeoff
 
@@ -124,6 +126,8 @@ def results_view(job: SweepJob, metric: str, x_name: str) -> None:
         st.warning(f"Cancelled: {progress_line(state)}. The finished points are kept.")
     else:
         st.success(f"Done: {progress_line(state)}.")
+    for notice in state.notices:
+        st.warning(notice, icon=":material/memory:")
     x = X_AXES[x_name]
     if x == "images_per_second" and not any(p.images_per_second for p in state.points):
         st.info("Throughput is measured after the last point; showing GMACs until then.")
@@ -157,7 +161,7 @@ def results_view(job: SweepJob, metric: str, x_name: str) -> None:
         "Select a point to open its schedule in Explore."
     )
     if state.points:
-        table(job, state)
+        table(job, state, metric, x)
 
 
 def open_selected(event) -> None:
@@ -173,7 +177,7 @@ def open_selected(event) -> None:
             st.switch_page("app_pages/explore.py")
 
 
-def table(job: SweepJob, state: JobState) -> None:
+def table(job: SweepJob, state: JobState, metric: str, x: str) -> None:
     rows = tradeoff.points_table(state.points, job.metrics)
     st.dataframe(pd.DataFrame(rows), hide_index=True, key="sweep_table")
     if job.plan.skipped:
@@ -182,6 +186,9 @@ def table(job: SweepJob, state: JobState) -> None:
                 st.markdown(f"- {note}")
     spec: SweepSpec = st.session_state.get("sweep_spec", SweepSpec())
     document = results_document(spec, job.model, job.images, job.plan, job.metrics, state.points)
+    if st.button("Send to Figures", icon=":material/image:", key="sweep_to_figures"):
+        config = tradeoff_config(document, metric=metric, x=x, model=job.model)
+        send_to_figures(config, model=job.model)
     cols = st.columns(3)
     cols[0].download_button(
         "Results CSV",
@@ -220,6 +227,7 @@ def tradeoff_page() -> None:
         "set, with 95 % intervals. Points are cached, so a sweep you ran before comes back "
         "at once."
     )
+    show_notices()
     images = image_source_inputs(model)
     methods, _ = sweep_controls(model)
     metric, x_name, batch = metric_inputs(model, images)

@@ -129,6 +129,41 @@ def test_preset_rewrites_the_text(tokenscope_cache):
     assert metric(at, "Feature fidelity") == "1.0000"
 
 
+def test_explore_opens_where_the_schedule_acts(tokenscope_cache):
+    """Issue 14: a schedule at layers 3/6/9 opened on the empty last layer. The slider
+    follows a new schedule to its last scored layer until the user moves it; the page
+    says which layers have scores, and names DINOv2's artefact for CLS-attention methods."""
+    at = start()
+    assert at.slider(key="layer").value == 11  # ToMe: no scores, its last layer
+    assert "Vision Transformers Need Registers" not in texts(at)
+    at.text_area(key="schedule_text").input("evit:keep=0.5@3,6,9").run()
+    assert not at.exception
+    assert at.slider(key="layer").value == 9
+    assert "Heatmap PNG" in [b.label for b in at.get("download_button")]
+    assert "Importance scores at layer 3, 6, 9." in texts(at)
+    assert "Vision Transformers Need Registers" in texts(at)
+    assert at.toggle(key="heatmap_smooth").value is False  # the scores as used, per patch
+    at.slider(key="layer").set_value(6).run()
+    at.text_area(key="schedule_text").input("topk:keep=0.5@3,6,9").run()
+    assert at.slider(key="layer").value == 6  # the user's layer stays
+
+
+def test_a_panorama_can_be_padded_to_square(tokenscope_cache):
+    """Issue 14: a wide image lost most of itself to the centre crop; padding keeps it
+    all, and the run, the sidebar and the pictures follow the choice."""
+    at = start()
+    at.file_uploader(key="upload").upload("pano.png", png_bytes((1200, 100)), "image/png").run()
+    assert not at.exception
+    assert at.selectbox(key="sample").proto.disabled  # no sample claims to be in use
+    warnings = [w.value for w in at.warning]
+    assert any("centre crop keeps only 8 %" in w and "Pad to square" in w for w in warnings)
+    at.radio(key="fit_mode").set_value("pad").run()
+    assert not at.exception and not sidebar_errors(at)
+    assert "padded to 1200×1200" in texts(at) and "the model sees 100 %" in texts(at)
+    assert not any("centre crop keeps" in w.value for w in at.warning)
+    assert len(at.get("image")) >= 4
+
+
 def test_upload_good_and_corrupt_images(tokenscope_cache):
     at = start()
     at.file_uploader(key="upload").upload("photo.png", png_bytes((300, 200)), "image/png").run()
@@ -139,8 +174,9 @@ def test_upload_good_and_corrupt_images(tokenscope_cache):
     at.file_uploader(key="upload").clear().upload("broken.png", b"not an image", "image/png").run()
     assert not at.exception
     (message,) = sidebar_errors(at)
-    assert "broken.png" in message and "could not read the image" in message
+    assert "could not read broken.png: it is not an image" in message
     assert "Showing photo.png instead" in message
+    assert any("broken.png" in str(e.value) for e in at.main.error)  # where the user looks
     assert "300×200 px resized to" in texts(at)  # the previous image stays
     assert metric(at, "GMACs") == gmacs and len(at.get("image")) >= 4
 
@@ -204,7 +240,9 @@ def test_offline_hub_is_explained(tokenscope_cache, monkeypatch):
     at.selectbox(key="timm_name").set_value("deit_tiny_patch16_224").run()
     assert not at.exception
     message = " ".join(sidebar_errors(at))
-    assert "offline" in message and "Showing the embedded default model instead" in message
+    assert (
+        "cannot be reached" in message and "Showing the embedded default model instead" in message
+    )
     assert metric(at, "Feature fidelity")  # the page still works on the default model
 
 
@@ -383,3 +421,34 @@ def test_tradeoff_cancel_keeps_finished_points(tokenscope_cache):
     at.run()
     assert any("Cancelled" in str(w.value) for w in at.warning)
     assert at.get("plotly_chart")
+
+
+def test_explore_sends_its_schedule_to_figures(tokenscope_cache):
+    at = start()
+    at.selectbox(key="figure_view").set_value("pruned")
+    at.button(key="send_panel").click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Figures"
+    config = at.session_state["figure_config"]
+    assert config.kind == "panel" and config.view == "pruned"
+    assert [s.schedule for s in config.schedules] == ["tome"]
+    assert {b.label for b in at.get("download_button")} >= {"PDF"}
+
+
+def test_tradeoff_sends_its_curves_to_figures(tokenscope_cache):
+    at = open_tradeoff(start())
+    at.number_input(key="sweep_limit").set_value(2)
+    at.multiselect(key="sweep_methods").set_value(["tome"])
+    at.number_input(key="sweep_count").set_value(2)
+    at.run()
+    at.button(key="sweep_run").click()
+    at.run()
+    wait_for_sweep(at)
+    at.button(key="sweep_to_figures").click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Figures"
+    config = at.session_state["figure_config"]
+    assert config.kind == "tradeoff"
+    assert len(config.tradeoff.results["points"]) >= 2

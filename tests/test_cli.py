@@ -103,7 +103,7 @@ def test_corrupt_image_is_a_clear_error(capsys, tmp_path):
     code, _, err = run_cli(
         capsys, "run", "--model", "test_vit", "--weights", "random", "--image", str(path)
     )
-    assert code == 2 and "could not read the image" in err
+    assert code == 2 and "could not read bad.jpg" in err and "Save it as PNG or JPEG" in err
 
 
 def test_verify_passes_and_reports(capsys):

@@ -21,7 +21,7 @@ from tests.test_browser import (
     wait_idle,
 )
 from tests.test_browser import app_url as app_url  # the `streamlit run` fixture, reused
-from viz import compare
+from viz import compare, overlays
 
 APP = str(Path(__file__).resolve().parents[1] / "app.py")
 TIMEOUT = 300
@@ -119,10 +119,9 @@ def test_compose_grid_footer_and_errors(picture):
 @pytest.mark.parametrize("view", list(compare.VIEWS))
 def test_legend_strip(view):
     strip = compare.legend_strip(view, 12, 400)
-    if view == "segments":
-        assert strip is None
-    else:
-        assert strip.shape == (22, 400, 3) and (strip.min(axis=-1) < 100).any()
+    assert strip.shape[0] == 22 and strip.shape[1] >= 400 and (strip.min(axis=-1) < 100).any()
+    # the hatching of pruned patches is drawn as the pictures draw it (not a flat swatch)
+    assert (strip == overlays.pattern_swatch("dropped", 4)[1, 1]).all(axis=-1).any()
 
 
 def test_agreement_heatmap_writes_values_and_na():
@@ -144,6 +143,12 @@ def test_lines_and_bars(runs):
         {"A": runs["tome"].tokens, "B": runs["evit"].tokens}, runs["none"].tokens, 2
     )
     assert [trace.name for trace in tokens.data] == ["full model", "A", "B"]
+    # Issue 14: EViT's and Top-K's counts coincide; each line has its own dash and marker
+    lines = compare.tokens_lines({"A": [3, 2], "B": [3, 2], "C": [3, 2]}, [3, 3], styles=[0, 2, 3])
+    looks = {(t.line.dash, t.marker.symbol) for t in lines.data[1:]}
+    assert len(looks) == 3 and all(t.mode == "lines+markers" for t in lines.data[1:])
+    pairs = compare.agreement_lines({"A–B": [1.0, 0.5], "A–C": [1.0, 0.5]}, metric)
+    assert len({(t.line.dash, t.marker.symbol) for t in pairs.data}) == 2
     bars = compare.gmacs_bars({"A": runs["tome"].cost}, runs["none"].cost, 2)
     assert len(bars.data) == 2 and "(" in bars.data[1].name
     assert sum(bars.data[1].y) < sum(bars.data[0].y)
@@ -250,6 +255,12 @@ def test_page_opens_with_three_columns():
     assert list(table["method"]) == ["A · ToMe", "B · EViT", "C · Top-K"]
     assert list(table["GMACs"]) == pytest.approx([4.601, 4.590, 4.590], abs=1e-3)
     assert {"feature cosine", "run ms", "device"} <= set(table.columns)
+    # Issue 14: three columns ran, plus the full model, which is no column's schedule
+    assert [s.label for s in at.status] == ["Ran the full model and 3 schedules on 2 images"]
+    # opened where EViT and Top-K have scores (layers 3/6/9), not on the empty last layer
+    assert at.slider(key="compare_layer").value == 9
+    assert "Scores from" in page_text(at) and "No scores at layer" not in page_text(at)
+    assert "Vision Transformers Need Registers" in page_text(at)  # CLS attention on DINOv2
     # per column: segments, pruned; plus the crop thumbnail and the two grids
     assert len(at.get("image")) >= 3 * 2 + 3
     assert len(at.get("plotly_chart")) >= 4  # tokens, GMACs, heatmap, lines
@@ -326,8 +337,9 @@ def test_bad_schedule_in_one_column_leaves_the_others():
     assert at.selectbox(key="compare_preset_1").value == "Custom"
     table = summary_frame(at)
     assert list(table["method"]) == ["A · ToMe", "C · Top-K"]
-    # the two good columns keep their pictures (two views each); the bad one has none
-    assert len(at.get("image")) == images_before - 2
+    # the good columns keep their pictures; the bad one (EViT) loses its three: segments,
+    # pruned and the heatmap of layer 9, where the page opens
+    assert len(at.get("image")) == images_before - 3
     assert "Left out of the summary" in page_text(at)
 
     at.text_input(key="compare_schedule_1").input("nonsense").run()
@@ -428,3 +440,18 @@ def test_compare_page_in_chromium(app_url: str, tmp_path: Path):
             page.screenshot(path=str(tmp_path / "compare.png"), full_page=True)
         finally:
             browser.close()
+
+
+def test_compare_sends_three_methods_to_figures():
+    """The issue's newcomer: three methods on Compare, sent to Figures as a panel."""
+    at = open_compare(compare_count=3)
+    button = next(b for b in at.button if b.label == "Send images × methods to Figures")
+    button.click()
+    at.run()
+    assert not at.exception, [e.value for e in at.exception]
+    assert at.title[0].value == "Figures"
+    config = at.session_state["figure_config"]
+    assert config.kind == "panel" and config.rows == "images"
+    assert len(config.schedules) == 3
+    labels = {b.label for b in at.get("download_button")}
+    assert "PDF" in labels

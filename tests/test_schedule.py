@@ -136,3 +136,75 @@ def test_cropr_defaults_mark_the_first_module():
     resolved = parse_schedule("cropr").resolve(FACTS)
     firsts = [reducer.values["first"] for _, reducer in resolved.reducers()]
     assert firsts == [True] + [False] * 10
+
+
+def test_huge_ranges_are_refused_before_they_are_expanded():
+    import time
+
+    start = time.perf_counter()
+    with pytest.raises(ScheduleError, match="layer 99999999 is beyond any model"):
+        parse_schedule("tome@0-99999999")
+    with pytest.raises(ScheduleError, match=r"beyond the model's depth \(12 layers"):
+        parse_schedule("tome@0-99999999", depth=12)
+    with pytest.raises(ScheduleError, match="beyond any model"):
+        parse_schedule('{"parts": [{"method": "tome", "layers": "0-99999999"}]}')
+    assert time.perf_counter() - start < 0.5
+
+
+def test_long_schedules_are_refused_and_not_echoed():
+    text = "tome:r=8@0;" * 100_000
+    with pytest.raises(ScheduleError, match="1,100,000 characters long; the limit is 10,000") as e:
+        parse_schedule(text)
+    assert len(str(e.value)) < 300
+    with pytest.raises(ScheduleError) as e:
+        parse_schedule("x" * 9_000)
+    assert len(str(e.value)) < 300
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ({"parts": [{"method": "tome", "params": {"r": [[8]]}}]}, "flat list of numbers"),
+        ({"parts": [{"method": "tome", "params": [8]}]}, "'params' must be an object"),
+        ({"parts": [{"method": "tome", "layers": 5}]}, "'layers' must be a list"),
+        ({"parts": [{"method": "tome", "layers": [True]}]}, "'layers' must be a list"),
+        ({"parts": [{"method": "tome", "layers": [1, 1]}]}, "listed twice"),
+        ({"parts": [{"method": 8}]}, "each part is an object with a 'method'"),
+        ({"parts": [{"method": "tome", "r": 8}]}, "unknown keys 'r'"),
+        ({"parts": [{"method": "evit", "params": {"fuse": 2}}]}, "'fuse' must be bool"),
+        ({"parts": [{"method": "tome", "params": {"r": 10**400}}]}, "'r' must be int"),
+        ({"parts": [], "proportional_attention": "no way"}, "must be true or false"),
+        ({"parts": [], "proportional_attention": 2}, "must be true or false"),
+        ("[" * 5000, "nested too deeply"),
+    ],
+)
+def test_json_of_the_wrong_shape_is_refused_at_parse_time(value, message):
+    import json
+
+    text = value if isinstance(value, str) else json.dumps(value)
+    with pytest.raises(ScheduleError, match=message):
+        parse_schedule(text).resolve(FACTS)
+
+
+@pytest.mark.parametrize(
+    ("given", "expected"), [("no", False), ("off", False), (0, False), (True, True), ("1", True)]
+)
+def test_proportional_attention_is_read_strictly_and_kept_in_text(given, expected):
+    import json
+
+    schedule = parse_schedule(
+        json.dumps({"parts": [{"method": "tome"}], "proportional_attention": given})
+    )
+    assert schedule.proportional_attention is expected
+    assert schedule.resolve(FACTS).proportional_attention is expected
+    text = schedule.to_text()
+    assert text == f"tome;proportional_attention={int(expected)}"
+    assert parse_schedule(text) == schedule
+    assert parse_schedule(schedule.to_json()) == schedule
+
+
+def test_text_keeps_every_digit_of_a_value():
+    schedule = parse_schedule("evit:keep=0.8444218515250481@3;tome:r=8")
+    assert schedule.to_text() == "evit:keep=0.8444218515250481@3;tome:r=8"
+    assert parse_schedule(schedule.to_text()) == schedule
+    assert parse_schedule("evit:keep=0.7@3").to_text() == "evit:keep=0.7@3"

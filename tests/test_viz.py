@@ -15,7 +15,7 @@ from analysis.images import fit_to_input
 from analysis.reducers import REDUCERS
 from analysis.reducers.base import Param, Reducer, Site, identity_reduction
 from analysis.trace import LayerTrace, Trace
-from viz import charts, colors, overlays, schedule_table, summary
+from viz import charts, colors, compare, overlays, schedule_table, summary
 
 # --------------------------------------------------------------------------- fixtures
 
@@ -102,9 +102,10 @@ def test_segment_boundaries_fall_on_patch_edges(picture, mode):
     out = overlays.render_segments(picture, trace, 2, mode=mode, thickness=1)
     line = (255, 255, 255) if mode == "mean" else (20, 20, 20)
     edge = np.all(out == line, axis=-1)
-    expected = overlays.boundary_mask(
-        overlays.upsample_cells(overlays.patch_owner(trace, 2).reshape(4, 4), 64, 64), 1
-    )
+    labels = overlays.patch_owner(trace, 2)
+    if mode == "tint":  # no lines between patches still a token of their own
+        labels[overlays.patch_states(trace, 2) == overlays.OWN] = -2
+    expected = overlays.boundary_mask(overlays.upsample_cells(labels.reshape(4, 4), 64, 64), 1)
     assert np.array_equal(edge & expected, expected)
     rows, cols = np.nonzero(expected)
     on_edge = lambda v: np.isin(v % 16, [0, 15])  # noqa: E731
@@ -148,13 +149,201 @@ def test_segment_mean_mode_fills_a_token_with_its_mean_colour(picture):
     assert np.all(np.abs(out[0:16, 0:32].astype(float) - mean) <= 1.0)
 
 
-def test_pruned_dims_dropped_and_greys_merged(picture):
+def test_pruned_hatches_dropped_and_greys_merged(picture):
     trace = synthetic_trace()
     out = overlays.render_pruned(picture, trace, 1)
     assert np.array_equal(out[20:28, 20:28], picture[20:28, 20:28])  # own token: unchanged
-    assert out[48:64, 48:64].max() <= 0.15 * 255 + 1  # dropped patch 15: dark
+    dropped = out[48:64, 48:64].reshape(-1, 3)  # patch 15: light stripes on a dark ground
+    assert (dropped == colors.HATCH_RGB).all(axis=-1).mean() > 0.2
+    assert (dropped.max(axis=-1) <= 90).mean() > 0.5
     merged = out[0:16, 0:32].astype(int)
     assert np.abs(merged[..., 0] - merged[..., 1]).max() <= 0.15 * 255 + 2  # nearly grey
+
+
+# --------------------------------------------------------------------------- encodings
+
+
+def one_layer_trace(
+    grid: tuple[int, int], *, dropped: tuple[int, ...] = (), fused: tuple[int, ...] = ()
+) -> Trace:
+    """One layer over ``grid``: the ``dropped`` patches gone, the ``fused`` ones pooled
+    into an extra token (as EViT does), the others tokens of their own; scored, with
+    NaN for the dropped patches."""
+    n = grid[0] * grid[1]
+    owner = torch.arange(n) + 1
+    sizes = torch.ones(1, n + 2)
+    owner[list(dropped)] = -1
+    owner[list(fused)] = n + 1  # the extra token, appended last
+    sizes[0, n + 1] = len(fused)
+    marked = torch.zeros(1, n, dtype=torch.bool)
+    marked[0, list(fused)] = True
+    scores = torch.linspace(0.0, 1.0, n)
+    scores[list(dropped)] = float("nan")
+    dropped_at = torch.full((1, n), -1, dtype=torch.int32)
+    dropped_at[0, list(dropped)] = 0
+    record = LayerTrace(
+        0, n + 2 - len(dropped) - len(fused), owner[None].int(), sizes, scores[None], ("evit",)
+    )
+    record.fused = marked if fused else None
+    return Trace(grid=grid, num_prefix=1, layers=[record], dropped_at=dropped_at)
+
+
+ENCODED_VIEWS = {  # view: (draw, the hatched states it must show)
+    "pruned": (lambda image, trace: overlays.render_pruned(image, trace, 0), "df"),
+    "segments, mean": (
+        lambda image, trace: overlays.render_segments(image, trace, 0, boundaries=False),
+        "df",
+    ),
+    "segments, tint": (
+        lambda image, trace: overlays.render_segments(
+            image, trace, 0, mode="tint", boundaries=False
+        ),
+        "df",
+    ),
+    "depth": (lambda image, trace: overlays.render_token_depth(image, trace, legend=False), "df"),
+    "heatmap": (lambda image, trace: overlays.render_heatmap(image, trace, 0, colorbar=False), "d"),
+}
+
+
+def spread(pixels: np.ndarray) -> int:
+    """The contrast inside some pixels: the largest range of a channel (0: one colour)."""
+    return int(np.ptp(pixels.reshape(-1, 3).astype(int), axis=0).max())
+
+
+def patch_pixels(picture: np.ndarray, patch: int, grid: tuple[int, int]) -> np.ndarray:
+    """The inside of one patch (2 px in from its edges) of a picture over ``grid``."""
+    cell = picture.shape[0] // grid[0]
+    row, col = divmod(patch, grid[1])
+    return picture[row * cell + 2 : (row + 1) * cell - 2, col * cell + 2 : (col + 1) * cell - 2]
+
+
+@pytest.mark.parametrize("shade", [0, 255], ids=["black", "white"])
+@pytest.mark.parametrize("view", list(ENCODED_VIEWS))
+def test_a_pruned_patch_never_looks_like_content(view, shade):
+    """Issue 14: dropped patches drawn dark vanished on dark content (Cropr's drops on the
+    black coat of `camera`). Hatched, a pruned patch shows strong contrast inside itself
+    on a black image and on a white one, where a kept patch of that content is flat; and
+    "dropped" and "pruned and fused" look different."""
+    grid = (8, 8)
+    trace = one_layer_trace(grid, dropped=(27,), fused=(36,))
+    image = np.full((128, 128, 3), shade, dtype=np.uint8)
+    draw, states = ENCODED_VIEWS[view]
+    out = draw(image, trace)[:, :128]
+    kept = patch_pixels(out, 0, grid)
+    assert spread(kept) == 0, "a kept patch of flat content must stay flat"
+    dropped = patch_pixels(out, 27, grid)
+    assert spread(dropped) > 150, "a dropped patch must be hatched"
+    if "f" in states:
+        fused = patch_pixels(out, 36, grid)
+        assert spread(fused) > 150, "a fused patch must be hatched"
+        assert not np.array_equal(fused, dropped), "fused must differ from dropped"
+
+
+def test_the_hatching_survives_the_grids():
+    """The grids scale each picture down to a thumbnail: a dropped patch on black is
+    still striped there, a kept one still flat black."""
+    grid = (16, 16)
+    trace = one_layer_trace(grid, dropped=(5 * 16 + 5,), fused=(10 * 16 + 10,))
+    black = np.zeros((352, 352, 3), dtype=np.uint8)  # the page's thumbnails: 2 × the cell
+    for view in ("segments", "pruned"):
+        picture = compare.render_view(black, trace, view, 0, legend=False)
+        sheet = compare.compose_grid([[picture]], [view], ["input"], cell_side=176)
+        rows, cols = np.nonzero((sheet == 0).all(axis=-1))  # kept patches (text is not 0)
+        cell = sheet[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+        assert cell.shape[:2] == (176, 176)
+        assert spread(patch_pixels(cell, 0, grid)) == 0
+        for patch in (5 * 16 + 5, 10 * 16 + 10):
+            assert spread(patch_pixels(cell, patch, grid)) > 100
+
+
+def test_a_merge_shows_on_a_black_image():
+    """Grey shows no merge on black or grey content: merged tokens are outlined, white on
+    dark pixels and black on light ones; a patch still its own token stays untouched."""
+    trace = synthetic_trace()  # layer 0: patches 0 and 1 share a token
+    for shade, ink in ((0, 255), (255, 0)):
+        flat = np.full((64, 64, 3), shade, dtype=np.uint8)
+        out = overlays.render_pruned(flat, trace, 0)
+        assert (out[2:14, 31:33] == ink).all()  # between patch 1 (merged) and patch 2
+        assert not (out[2:14, 15:17] == ink).all()  # no line inside the merged token
+        assert (out[34:46, 34:46] == shade).all()  # patch 10, its own token
+
+
+def test_tint_colours_only_tokens_of_several_patches(picture):
+    """Issue 14: tinting every single-patch token turned the image into confetti. A patch
+    still a token of its own shows the image untouched (boundaries on); merged ones are
+    tinted."""
+    trace = synthetic_trace()
+    out = overlays.render_segments(picture, trace, 2, mode="tint")
+    states = overlays.patch_states(trace, 2)
+    assert states[10] == overlays.OWN and states[0] == overlays.MERGED
+    for patch in np.flatnonzero(states == overlays.OWN):
+        row, col = divmod(int(patch), 4)
+        inner = (slice(row * 16 + 2, row * 16 + 14), slice(col * 16 + 2, col * 16 + 14))
+        assert np.array_equal(out[inner], picture[inner]), patch
+    assert np.array_equal(out[30:46, 30:46], picture[30:46, 30:46])  # inside a singleton run
+    assert not np.array_equal(out[2:14, 2:14], picture[2:14, 2:14])  # merged 0/1/4: tinted
+
+
+def test_the_heatmap_shows_each_patch_its_score():
+    """Issue 14: the cubic heatmap did not show the scores the reducer used. By default
+    every pixel of a patch has the colormap's colour of that patch's score, exactly."""
+    rng = np.random.default_rng(4)
+    scores = rng.normal(size=16)
+    grey = np.full((64, 64, 3), 90, dtype=np.uint8)
+    out = overlays.render_score_map(grey, scores, (4, 4), opacity=1.0, colorbar=False)
+    expected = colors.apply_colormap((scores - scores.min()) / np.ptp(scores), "inferno")
+    for patch, colour in enumerate(expected):
+        row, col = divmod(patch, 4)
+        assert (out[row * 16 : (row + 1) * 16, col * 16 : (col + 1) * 16] == colour).all(), patch
+    trace = synthetic_trace()  # through the trace: layer 1's scores, patch 15 gone (hatched)
+    heat = overlays.render_heatmap(grey, trace, 1, opacity=1.0, colorbar=False)
+    used = trace.layers[1].scores[0].numpy()[:15]
+    colour = colors.apply_colormap((used - used.min()) / np.ptp(used), "inferno")
+    assert (heat[4:12, 4:12] == colour[0]).all() and (heat[36:44, 52:60] == colour[11]).all()
+
+
+def test_evit_marks_the_patches_it_fuses(real_runs):
+    """EViT's pruned tokens go into one extra token: the trace marks their patches fused
+    (a state of their own in every view), and they stay marked afterwards."""
+    trace = real_runs["evit"].trace
+    assert trace.layers[0].fused is None  # nothing fused before EViT's first layer
+    owner = overlays.patch_owner(trace, 1)
+    fused = overlays.fused_patches(trace, 1)
+    assert fused.any() and np.array_equal(fused, owner == trace.layers[1].tokens - 1)
+    assert (overlays.patch_states(trace, 1)[fused] == overlays.FUSED).all()
+    later = overlays.fused_patches(trace, 3)
+    assert (later >= fused).all() and (later[overlays.patch_owner(trace, 3) == -1] == 0).all()
+    assert trace.to_dict()["layers"][1]["fused"] == fused.tolist()
+    assert (trace.reduced_at()[0].numpy()[fused] <= 1).all()
+    for name in ("tome", "topk"):
+        assert all(record.fused is None for record in real_runs[name].trace.layers)
+    image = np.zeros((100, 100, 3), dtype=np.uint8)
+    pruned = overlays.render_pruned(image, trace, 1).reshape(-1, 3)
+    assert (pruned == colors.FUSED_RGB).all(axis=-1).any()
+    assert not (pruned == colors.HATCH_RGB).all(axis=-1).any()  # EViT drops nothing
+
+
+def test_pages_open_where_the_schedule_acts(real_runs):
+    """Issue 14: opened at the last layer, a schedule at layers 3/6/9 showed no heatmap."""
+    opening = overlays.opening_layer
+    assert opening([real_runs["evit"].trace]) == 3  # its last scored layer
+    assert opening([real_runs["topk"].trace]) == 2
+    assert opening([real_runs["tome"].trace]) == 5  # no scores: its last reducing layer
+    assert opening([real_runs["none"].trace]) == 5
+    assert opening([real_runs["tome"].trace, real_runs["topk"].trace]) == 2
+    assert overlays.describe_layers([0, 1, 2, 3, 7]) == "0–3, 7"
+    assert overlays.describe_layers([3, 6, 9]) == "3, 6, 9"
+
+
+def test_the_register_artefact_is_named_where_it_shows():
+    note = summary.attention_artefact_note("default", ["tome", "evit", "topk", "mstm"])
+    assert note is not None
+    assert "EViT and Top-K and MSTM" in note and "ToMe" not in note
+    assert summary.REGISTERS_PAPER in note
+    assert summary.attention_artefact_note("default", ["tome", "dtem"]) is None
+    assert summary.attention_artefact_note("vit_small_patch14_reg4_dinov2", ["topk"]) is None
+    assert summary.attention_artefact_note("deit_small_patch16_224", ["evit"]) is None
+    assert summary.attention_artefact_note("vit_small_patch14_dinov2", ["evit"]) is not None
 
 
 def test_token_depth_has_legend_and_colours_by_layer(picture):
@@ -184,13 +373,15 @@ def test_heatmap_needs_scores_and_draws_a_colour_bar(picture):
         assert np.any(np.all(np.abs(bar.astype(int) - extreme) <= 2, axis=-1))
 
 
-def test_heatmap_is_smooth_and_follows_the_scores():
+def test_heatmap_smooths_only_when_asked():
     scores = np.linspace(0.0, 1.0, 16)
     grey = np.full((64, 64, 3), 128, dtype=np.uint8)
-    out = overlays.render_score_map(grey, scores, (4, 4), opacity=1.0, colorbar=False)
+    out = overlays.render_score_map(grey, scores, (4, 4), opacity=1.0, colorbar=False, smooth=True)
     brightness = out.astype(float).sum(axis=-1)
     assert brightness[60, 60] > brightness[4, 4]  # high scores bottom right
     assert len(np.unique(out[30].reshape(-1, 3), axis=0)) > 8  # smooth, not blocky
+    flat = overlays.render_score_map(grey, scores, (4, 4), opacity=1.0, colorbar=False)
+    assert len(np.unique(flat[30].reshape(-1, 3), axis=0)) == 4  # one colour per patch
 
 
 def test_colormap_and_layer_colours():

@@ -13,7 +13,11 @@ from functools import cache
 import numpy as np
 import plotly.colors
 
-DROPPED_RGB = (24, 24, 24)
+DROPPED_RGB = (24, 24, 24)  # the dark ground under the hatching of pruned patches
+# Pruned patches are hatched, so they never pass for image content, dark or light: light
+# stripes (/) for dropped ones, amber stripes (\) for ones pooled into a fused token.
+HATCH_RGB = (240, 240, 240)
+FUSED_RGB = (255, 170, 0)
 NEVER_REDUCED_RGB = (225, 225, 225)
 
 # One colour per registered method, so a method looks the same on every chart that colours

@@ -28,7 +28,6 @@ from analysis.flops import CostReport
 from analysis.trace import Trace
 from viz import overlays, summary
 from viz.colors import (
-    DROPPED_RGB,
     NEVER_REDUCED_RGB,
     apply_colormap,
     hsv_to_rgb,
@@ -44,6 +43,9 @@ VIEWS: dict[str, str] = {
 METHOD_COLORS = ("#e8590c", "#1c7ed6", "#2b8a3e", "#ae3ec9", "#f59f00", "#0b7285")
 FULL_COLOR = "#9aa0a6"
 LINE_DASHES = ("solid", "dash", "dot", "dashdot", "longdash", "longdashdot")
+# Open symbols: where two methods' lines coincide (EViT and Top-K keep the same counts),
+# both markers still show.
+LINE_SYMBOLS = ("circle-open", "square-open", "diamond-open", "triangle-up-open", "x", "cross")
 BACKGROUND = (255, 255, 255)
 INK = (30, 30, 30)
 PLACEHOLDER = (236, 236, 236)
@@ -149,28 +151,38 @@ def compose_grid(
     return np.asarray(canvas)
 
 
+PRUNED_ENTRIES = (
+    ("dropped", "dropped"),
+    ("fused", "pruned, fused into one token (EViT)"),
+)
+
+
 def legend_strip(view: str, depth: int, width: int, *, height: int = 22) -> np.ndarray | None:
-    """A one-line legend for a grid of ``view`` pictures (None for segments, whose colours
-    mean nothing by themselves). ``depth`` is the model's number of layers."""
+    """A one-line legend for a grid of ``view`` pictures, its swatches drawn as the
+    pictures draw (the hatching of pruned patches included). ``depth`` is the model's
+    number of layers."""
     font = _font(max(11, height - 8))
+    swatch = height - 6
+    hatched = [(overlays.pattern_swatch(kind, swatch + 1), label) for kind, label in PRUNED_ENTRIES]
+    if view == "segments":
+        return _swatch_strip([(None, "one colour per token"), *hatched], width, height, font)
     if view == "pruned":
         entries = [
-            (None, "its own token (in colour)"),
-            ((170, 170, 170), "merged or fused"),
-            (DROPPED_RGB, "dropped"),
+            (None, "its own token (image)"),
+            ((170, 170, 170), "merged (outlined)"),
+            *hatched,
         ]
         return _swatch_strip(entries, width, height, font)
     if view == "depth":
         colors = layer_colors(depth)
         label = f"reduced at layer 0 … {depth - 1}"
-        extras = [(NEVER_REDUCED_RGB, "never"), (None, "dropped (hatched)")]
+        extras = [(NEVER_REDUCED_RGB, "never"), *hatched]
         return _gradient_strip(colors, label, extras, width, height, font)
     if view == "heatmap":
         ramp = apply_colormap(np.linspace(0.0, 1.0, 32), "inferno")
         label = "importance score, low … high (per picture)"
-        return _gradient_strip(
-            ramp, label, [((35, 35, 35), "gone before this layer")], width, height, font
-        )
+        extras = [(hatched[0][0], "gone before this layer"), (hatched[1][0], "in the fused token")]
+        return _gradient_strip(ramp, label, extras, width, height, font)
     return None
 
 
@@ -180,6 +192,20 @@ def legend_strip(view: str, depth: int, width: int, *, height: int = 22) -> np.n
 def method_colors(count: int) -> list[str]:
     """A distinct colour per method column, the same on every chart."""
     return [METHOD_COLORS[i % len(METHOD_COLORS)] for i in range(count)]
+
+
+def line_style(position: int, color: str) -> dict[str, Any]:
+    """A line's look: its colour, and a dash and an open marker of its own, so that
+    lines lying on each other (EViT's and Top-K's token counts) stay apart."""
+    return {
+        "mode": "lines+markers",
+        "line": {"color": color, "width": 2, "dash": LINE_DASHES[position % len(LINE_DASHES)]},
+        "marker": {
+            "symbol": LINE_SYMBOLS[position % len(LINE_SYMBOLS)],
+            "size": 9,
+            "line": {"width": 2, "color": color},
+        },
+    }
 
 
 def agreement_heatmap(
@@ -220,7 +246,8 @@ def agreement_lines(
     colors: Sequence[str] | None = None,
     height: int = 360,
 ) -> go.Figure:
-    """A per-layer metric over depth, one line per pair of methods."""
+    """A per-layer metric over depth, one line per pair of methods, each with its own
+    colour, dash and marker."""
     figure = go.Figure()
     palette = list(colors) if colors else method_colors(len(series))
     for i, ((name, values), color) in enumerate(zip(series.items(), palette, strict=False)):
@@ -229,8 +256,7 @@ def agreement_lines(
                 x=list(range(len(values))),
                 y=[v if math.isfinite(v) else None for v in values],
                 name=name,
-                mode="lines+markers",
-                line={"color": color, "width": 2, "dash": LINE_DASHES[i % len(LINE_DASHES)]},
+                **line_style(i, color),
             )
         )
     _mark_layer(figure, layer)
@@ -244,9 +270,12 @@ def tokens_lines(
     layer: int | None = None,
     *,
     colors: Sequence[str] | None = None,
+    styles: Sequence[int] | None = None,
     height: int = 320,
 ) -> go.Figure:
-    """Tokens leaving each layer, one line per method and the full model dashed."""
+    """Tokens leaving each layer, one line per method and the full model dashed. Each
+    method has its own dash and marker (``styles``: its column's position, so that it
+    keeps them when another column fails), as methods often keep the same counts."""
     figure = go.Figure()
     figure.add_trace(
         go.Scatter(
@@ -258,14 +287,14 @@ def tokens_lines(
         )
     )
     palette = list(colors) if colors else method_colors(len(tokens))
-    for i, ((name, values), color) in enumerate(zip(tokens.items(), palette, strict=False)):
+    positions = list(styles) if styles else list(range(len(tokens)))
+    for (name, values), color, position in zip(tokens.items(), palette, positions, strict=False):
         figure.add_trace(
             go.Scatter(
                 x=list(range(len(values))),
                 y=list(values),
                 name=name,
-                mode="lines+markers",
-                line={"color": color, "width": 2, "dash": LINE_DASHES[i % len(LINE_DASHES)]},
+                **line_style(position, color),
             )
         )
     _mark_layer(figure, layer)
@@ -491,7 +520,9 @@ def _placeholder(height: int, width: int, note: str, font) -> np.ndarray:
 
 
 def _swatch_strip(entries, width: int, height: int, font) -> np.ndarray:
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    """Swatches with labels; a swatch is a colour, a tile (an array) or None (a rainbow:
+    the image's own colours). Wider than ``width`` where the labels need it."""
+    canvas = Image.new("RGB", (4 * width, height), BACKGROUND)
     draw = ImageDraw.Draw(canvas)
     x, swatch = 0, height - 6
     for color, label in entries:
@@ -499,8 +530,10 @@ def _swatch_strip(entries, width: int, height: int, font) -> np.ndarray:
         if color is None:  # the image's own colours: a small rainbow
             hue = np.linspace(0.0, 0.85, swatch + 1)[None].repeat(swatch + 1, axis=0)
             tile = hsv_to_rgb(hue, np.full_like(hue, 0.6), np.full_like(hue, 0.9))
+        elif isinstance(color, np.ndarray):
+            tile, color = color, None
         x = _legend_entry(canvas, draw, x, swatch, color, tile, label, font)
-    return np.asarray(canvas)
+    return np.asarray(canvas)[:, : max(width, x - 12)]
 
 
 def _legend_entry(canvas, draw, x: int, size: int, color, tile, label: str, font) -> int:
@@ -517,7 +550,7 @@ def _legend_entry(canvas, draw, x: int, size: int, color, tile, label: str, font
 
 
 def _gradient_strip(ramp: np.ndarray, label: str, extras, width: int, height: int, font):
-    canvas = Image.new("RGB", (width, height), BACKGROUND)
+    canvas = Image.new("RGB", (4 * width, height), BACKGROUND)
     bar_w, bar_h = max(60, min(200, width // 4)), height - 6
     bar = np.repeat(np.asarray(ramp, dtype=np.uint8)[None], bar_h, axis=0)
     bar = cv2.resize(bar, (bar_w, bar_h), interpolation=cv2.INTER_NEAREST)
@@ -529,12 +562,10 @@ def _gradient_strip(ramp: np.ndarray, label: str, extras, width: int, height: in
     x += _text_width(font, label) + 16
     for color, text in extras:
         tile = None
-        if color is None:  # hatched, as dropped patches are drawn
-            y, x_ = np.mgrid[0 : bar_h + 1, 0 : bar_h + 1]
-            stripes = ((x_ + y) % 5) < 2
-            tile = np.where(stripes[..., None], 40, 225).astype(np.uint8).repeat(3, axis=-1)
+        if isinstance(color, np.ndarray):  # hatched, as pruned patches are drawn
+            tile, color = color, None
         x = _legend_entry(canvas, draw, x, bar_h, color, tile, text, font)
-    return np.asarray(canvas)
+    return np.asarray(canvas)[:, : max(width, x - 12)]
 
 
 def _wrap(font, text: str, width: int, max_lines: int = 2) -> list[str]:

@@ -3,6 +3,11 @@
 The image is the model's input crop at any display resolution (``display_image`` makes
 one from the original). Patch ``(i, j)`` of the grid covers rows ``edges_y[i]:edges_y[i+1]``
 and columns ``edges_x[j]:edges_x[j+1]``, so boundaries always fall on patch edges.
+
+Every view draws a patch's fate the same way (:func:`patch_states`): pruned patches are
+hatched over a dark copy of the image (light ``/`` stripes: dropped; amber ``\\`` stripes:
+pruned and fused into an extra token, EViT's), so that no image content, dark or light,
+can pass for a pruned patch.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ from analysis.images import CropInfo
 from analysis.trace import Trace
 from viz.colors import (
     DROPPED_RGB,
+    FUSED_RGB,
+    HATCH_RGB,
     NEVER_REDUCED_RGB,
     apply_colormap,
     layer_colors,
@@ -28,6 +35,10 @@ from viz.colors import (
 
 DISPLAY_MIN_SIDE = 448
 DISPLAY_MAX_SIDE = 896
+
+# What became of a patch by a layer (see patch_states).
+OWN, MERGED, FUSED, DROPPED = 0, 1, 2, 3
+PATTERNS = {DROPPED: "dropped", FUSED: "fused"}  # the hatched states
 
 
 class NoScoresError(ValueError):
@@ -38,7 +49,7 @@ class NoScoresError(ValueError):
 class LegendEntry:
     color: tuple[int, int, int]
     label: str
-    hatched: bool = False
+    pattern: str = ""  # "dropped" or "fused": the swatch is hatched as the pictures are
 
 
 # --------------------------------------------------------------------------- geometry
@@ -154,6 +165,48 @@ def scored_layers(trace: Trace) -> list[int]:
     return [record.layer for record in trace.layers if record.scores is not None]
 
 
+def describe_layers(layers: Sequence[int]) -> str:
+    """Layers in words, runs joined: ``[0, 1, 2, 3, 7]`` -> ``"0–3, 7"``."""
+    parts: list[str] = []
+    for layer in sorted(set(layers)):
+        if parts and parts[-1].split("–")[-1] == str(layer - 1):
+            parts[-1] = f"{parts[-1].split('–')[0]}–{layer}"
+        else:
+            parts.append(str(layer))
+    return ", ".join(parts)
+
+
+def fused_patches(trace: Trace, layer: int, index: int = 0) -> np.ndarray:
+    """[N] bool: patches pruned into a fused token (EViT's extra token) by ``layer``."""
+    if layer < 0 or trace.layers[layer].fused is None:
+        return np.zeros(trace.num_patches, dtype=bool)
+    return trace.layers[layer].fused[index].numpy().astype(bool)
+
+
+def patch_states(trace: Trace, layer: int, index: int = 0) -> np.ndarray:
+    """[N] what became of each patch by ``layer``: OWN (still a token of its own), MERGED
+    (shares a token with other patches), FUSED (pruned from attention, but pooled into a
+    fused extra token) or DROPPED. Fused is its own state: such a token is no segment of
+    similar patches, and calling it merged would hide that its patches were pruned."""
+    owner = patch_owner(trace, layer, index)
+    states = np.where(token_sizes(trace, layer, index) > 1, MERGED, OWN)
+    states[fused_patches(trace, layer, index)] = FUSED
+    states[owner < 0] = DROPPED
+    return states.astype(np.uint8)
+
+
+def opening_layer(traces: Sequence[Trace]) -> int:
+    """The layer a page opens at: the last one where some trace has importance scores,
+    else the last one where a reducer ran, else the last layer. (The last layer is often
+    empty: a schedule at layers 3/6/9 has no scores there to show.)"""
+    depth = max((len(trace.layers) for trace in traces), default=0)
+    scored = [layer for trace in traces for layer in scored_layers(trace)]
+    if scored:
+        return max(scored)
+    acted = [record.layer for trace in traces for record in trace.layers if record.methods]
+    return max(acted) if acted else max(depth - 1, 0)
+
+
 # --------------------------------------------------------------------------- renderers
 
 
@@ -171,18 +224,21 @@ def render_segments(
     """Every token's patches as one segment, with segment boundaries drawn.
 
     ``mode="mean"`` fills a segment with the mean image colour of its patches;
-    ``mode="tint"`` shows the image tinted with the segment's stable colour.
-    Dropped patches are shown dark.
+    ``mode="tint"`` tints the segments of two or more patches with their stable colour
+    and leaves patches still a token of their own as the image (colouring those too
+    turns the picture into confetti). Pruned patches are hatched (see the module notes),
+    never filled as a segment: EViT's fused token is no group of similar patches.
     """
     image = _rgb(image)
     height, width = image.shape[:2]
     gh, gw = trace.grid
     owner = patch_owner(trace, layer, index)
-    alive = owner >= 0
+    states = patch_states(trace, layer, index)
     if mode == "mean":
+        shown = (states == OWN) | (states == MERGED)
         means = patch_means(image, trace.grid).reshape(-1, 3)
-        label = np.where(alive, owner, 0)
-        weight = alive.astype(np.float64)
+        label = np.where(shown, owner, 0)
+        weight = shown.astype(np.float64)
         count = np.bincount(label, weights=weight, minlength=label.max() + 1)
         fill = np.stack(
             [
@@ -192,19 +248,20 @@ def render_segments(
             axis=-1,
         )
         patch_rgb = fill[label] / np.maximum(count, 1)[label, None]
-        dark = 0.25 * (means @ _LUMA)[:, None] + 0.75 * np.asarray(DROPPED_RGB, dtype=np.float64)
-        patch_rgb = np.where(alive[:, None], patch_rgb, dark)
         out = upsample_cells(_to_uint8(patch_rgb).reshape(gh, gw, 3), height, width)
     elif mode == "tint":
         colors = segment_colors(segment_roots(owner)).reshape(gh, gw, 3)
-        out = cv2.addWeighted(image, 1 - tint, upsample_cells(colors, height, width), tint, 0)
-        if not alive.all():
-            dropped = upsample_cells((~alive).reshape(gh, gw), height, width)
-            out = np.where(dropped[..., None], _darkened(image), out)
+        tinted = cv2.addWeighted(image, 1 - tint, upsample_cells(colors, height, width), tint, 0)
+        merged = upsample_cells((states == MERGED).reshape(gh, gw), height, width)
+        out = np.where(merged[..., None], tinted, image)
     else:
         raise ValueError(f"unknown segment mode '{mode}' (mean or tint)")
+    out = hatch_pruned(np.array(out), image, states, trace.grid)
     if boundaries:
-        labels = upsample_cells(owner.reshape(gh, gw), height, width)
+        labels = owner.copy()
+        if mode == "tint":  # no lines between patches left as the image
+            labels[states == OWN] = -2
+        labels = upsample_cells(labels.reshape(gh, gw), height, width)
         edge = boundary_mask(labels, thickness or default_thickness(image))
         out[edge] = (255, 255, 255) if mode == "mean" else (20, 20, 20)
     return np.ascontiguousarray(out)
@@ -216,24 +273,33 @@ def render_pruned(
     layer: int,
     *,
     index: int = 0,
-    dim: float = 0.15,
     grey_merged: bool = True,
+    thickness: int | None = None,
 ) -> np.ndarray:
-    """Dropped patches blacked out; with ``grey_merged``, patches that share a token
-    with others (merged or fused) in grey; patches still their own token in colour."""
+    """What each patch is at ``layer``: the image where it is a token of its own; grey
+    and outlined (with ``grey_merged``) where it shares a token with others; hatched where
+    it was pruned (light ``/``: dropped; amber ``\\``: pruned and fused into an extra
+    token). The outline is white on dark pixels and black on light ones: grey alone
+    cannot show a merge on a grey or black image."""
     image = _rgb(image)
     height, width = image.shape[:2]
     gh, gw = trace.grid
-    sizes = token_sizes(trace, layer, index).reshape(gh, gw)
-    state = np.where(sizes == 0, 2, np.where(sizes > 1, 1, 0)).astype(np.uint8)
+    states = patch_states(trace, layer, index)
     if not grey_merged:
-        state[state == 1] = 0
-    per_pixel = upsample_cells(state, height, width)[..., None]
+        states[states == MERGED] = OWN
     grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
     merged = cv2.convertScaleAbs(grey, alpha=0.7, beta=40)
     merged = cv2.addWeighted(image, 0.15, merged, 0.85, 0)
-    dropped = cv2.convertScaleAbs(grey, alpha=dim, beta=0)
-    return np.where(per_pixel == 2, dropped, np.where(per_pixel == 1, merged, image))
+    per_pixel = upsample_cells((states == MERGED).reshape(gh, gw), height, width)
+    out = hatch_pruned(np.where(per_pixel[..., None], merged, image), image, states, trace.grid)
+    if (states == MERGED).any():
+        labels = np.where(states == MERGED, patch_owner(trace, layer, index), -2)
+        labels = upsample_cells(labels.reshape(gh, gw), height, width)
+        edge = boundary_mask(labels, thickness or default_thickness(image))
+        light = cv2.cvtColor(out, cv2.COLOR_RGB2GRAY) >= 128
+        out[edge & light] = 0
+        out[edge & ~light] = 255
+    return out
 
 
 def render_token_depth(
@@ -245,28 +311,34 @@ def render_token_depth(
     legend: bool = True,
 ) -> np.ndarray:
     """Each patch coloured by the layer at which it stopped being a token of its own
-    (merged or dropped; dropped ones hatched), over a grey copy of the image, with a legend."""
+    (merged, fused or dropped), over a grey copy of the image, with a legend. Dropped
+    patches carry thin light ``/`` stripes and fused ones amber ``\\`` stripes, each edged
+    in black so that they show on every layer colour."""
     image = _rgb(image)
     height, width = image.shape[:2]
     gh, gw = trace.grid
     depth = len(trace.layers)
     reduced = trace.reduced_at()[index].numpy().astype(np.int64)
     dropped = (trace.dropped_at[index].numpy() >= 0) if trace.dropped_at is not None else None
+    fused = np.zeros(trace.num_patches, dtype=bool)
+    for layer in range(depth):
+        fused |= fused_patches(trace, layer, index)
     palette = np.vstack([layer_colors(depth), np.array([NEVER_REDUCED_RGB])]).astype(np.uint8)
     colors = upsample_cells(palette[reduced].reshape(gh, gw, 3), height, width)
     grey = cv2.cvtColor(cv2.cvtColor(image, cv2.COLOR_RGB2GRAY), cv2.COLOR_GRAY2RGB)
     out = cv2.addWeighted(grey, 1 - opacity, colors, opacity, 0)
-    shade = np.zeros((height, width), dtype=bool)
+    out[boundary_mask(upsample_cells(reduced.reshape(gh, gw), height, width), 1)] //= 3
     if dropped is not None and dropped.any():
-        hatch = _hatch(height, width, period=max(6, height // 48))
-        shade |= upsample_cells(dropped.reshape(gh, gw), height, width) & hatch
-    shade |= boundary_mask(upsample_cells(reduced.reshape(gh, gw), height, width), 1)
-    out[shade] = out[shade] // 3
+        out = _stripe_cells(out, dropped, trace.grid, "dropped")
+    if fused.any():
+        out = _stripe_cells(out, fused & (dropped is None or ~dropped), trace.grid, "fused")
     if not legend:
         return out
     entries = [LegendEntry(tuple(int(v) for v in palette[i]), f"layer {i}") for i in range(depth)]
     entries.append(LegendEntry(NEVER_REDUCED_RGB, "never"))
-    extras = [LegendEntry((90, 90, 90), "dropped", hatched=True)] if dropped is not None else []
+    extras = [LegendEntry(DROPPED_RGB, "dropped", "dropped")] if dropped is not None else []
+    if fused.any():
+        extras.append(LegendEntry(DROPPED_RGB, "fused", "fused"))
     return attach_panel(out, discrete_legend(height, entries, extras, title="reduced at"))
 
 
@@ -279,14 +351,24 @@ def render_heatmap(
     colormap: str = "inferno",
     opacity: float = 0.6,
     colorbar: bool = True,
+    smooth: bool = False,
 ) -> np.ndarray:
-    """The importance scores used at ``layer``, upsampled smoothly over the image, with a
-    colour bar. Raises :class:`NoScoresError` where the layer has no scores."""
+    """The importance scores used at ``layer``, one flat colour per patch (the values the
+    reducer ranked; ``smooth`` interpolates them, for a softer look), with a colour bar.
+    Patches already pooled into a fused token share its one score: amber stripes over
+    it say so. Raises :class:`NoScoresError` where the layer has no scores."""
     scores = layer_scores(trace, layer, index)
     if scores is None:
         raise NoScoresError(f"no importance scores at layer {layer}")
     return render_score_map(
-        image, scores, trace.grid, colormap=colormap, opacity=opacity, colorbar=colorbar
+        image,
+        scores,
+        trace.grid,
+        colormap=colormap,
+        opacity=opacity,
+        colorbar=colorbar,
+        smooth=smooth,
+        pooled=fused_patches(trace, layer - 1, index),
     )
 
 
@@ -299,8 +381,12 @@ def render_score_map(
     opacity: float = 0.6,
     colorbar: bool = True,
     title: str = "score",
+    smooth: bool = False,
+    pooled: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Per-patch values [N] (NaN: no value) as a smooth colormapped overlay."""
+    """Per-patch values [N] (NaN: no value, hatched as dropped) as a colormapped overlay,
+    one flat colour per patch unless ``smooth`` (bicubic between patch centres).
+    ``pooled`` [N] bool marks patches whose value is a fused token's (amber stripes)."""
     image = _rgb(image)
     height, width = image.shape[:2]
     gh, gw = grid
@@ -310,12 +396,17 @@ def render_score_map(
     high = float(values[valid].max()) if valid.any() else 1.0
     span = high - low if high > low else 1.0
     normalised = np.where(valid, (values - low) / span, 0.0).astype(np.float32)
-    smooth = cv2.resize(normalised, (width, height), interpolation=cv2.INTER_CUBIC)
-    heat = apply_colormap(np.clip(smooth, 0.0, 1.0), colormap)
+    if smooth:
+        spread = cv2.resize(normalised, (width, height), interpolation=cv2.INTER_CUBIC)
+        heat = apply_colormap(np.clip(spread, 0.0, 1.0), colormap)
+    else:
+        heat = upsample_cells(apply_colormap(normalised, colormap), height, width)
     out = cv2.addWeighted(image, 1 - opacity, heat, opacity, 0)
     if not valid.all():
-        missing = upsample_cells(~valid, height, width)
-        out = np.where(missing[..., None], _darkened(image, 0.3, 0), out)
+        states = np.where(valid, OWN, DROPPED).reshape(-1)
+        out = hatch_pruned(out, image, states, grid)
+    if pooled is not None and pooled.any():
+        out = _stripe_cells(out, pooled & valid.reshape(-1), grid, "fused")
     if not colorbar:
         return out
     ticks = [
@@ -341,11 +432,11 @@ def render_crop_box(original: Image.Image, crop: CropInfo, *, side: int = 320) -
     inside[max(0, y0) : y1, max(0, x0) : x1] = True
     thumb[~inside] *= 0.35
     out = Image.fromarray(_to_uint8(thumb))
-    ImageDraw.Draw(out).rectangle(
-        (max(0, x0), max(0, y0), min(size[0], x1) - 1, min(size[1], y1) - 1),
-        outline=(255, 200, 0),
-        width=2,
-    )
+    # A very thin image has a one-pixel thumbnail side: keep the box at least one pixel.
+    box_x0, box_y0 = min(max(0, x0), size[0] - 1), min(max(0, y0), size[1] - 1)
+    box_x1 = max(box_x0, min(size[0], x1) - 1)
+    box_y1 = max(box_y0, min(size[1], y1) - 1)
+    ImageDraw.Draw(out).rectangle((box_x0, box_y0, box_x1, box_y1), outline=(255, 200, 0), width=2)
     return np.asarray(out)
 
 
@@ -424,9 +515,8 @@ def discrete_legend(
     y = top + bar_h + pad
     for entry in extras:
         tile = np.full((swatch, swatch, 3), entry.color, dtype=np.uint8)
-        if entry.hatched:
-            tile[_hatch(swatch, swatch, period=max(4, swatch // 3))] = 20
-            tile[~_hatch(swatch, swatch, period=max(4, swatch // 3))] = 235
+        if entry.pattern:
+            tile = pattern_swatch(entry.pattern, swatch)
         panel.paste(Image.fromarray(tile), (pad, round(y)))
         draw.rectangle(
             (pad, round(y), pad + swatch - 1, round(y) + swatch - 1), outline=(60, 60, 60)
@@ -497,9 +587,65 @@ def _darkened(image: np.ndarray, weight: float = 0.25, base: int = DROPPED_RGB[0
     return cv2.convertScaleAbs(grey, alpha=weight, beta=(1 - weight) * base)
 
 
-def _hatch(height: int, width: int, period: int) -> np.ndarray:
+def hatch_pruned(
+    out: np.ndarray, image: np.ndarray, states: np.ndarray, grid: tuple[int, int]
+) -> np.ndarray:
+    """``out`` with its DROPPED and FUSED patches hatched over a dark grey copy of
+    ``image`` (light ``/`` stripes: dropped; amber ``\\`` stripes: fused). A kept patch
+    shows the image, so it is never striped: the hatching reads on black and white alike.
+    """
+    height, width = out.shape[:2]
+    per_pixel = upsample_cells(np.asarray(states).reshape(grid), height, width)
+    pruned = (per_pixel == DROPPED) | (per_pixel == FUSED)
+    if not pruned.any():
+        return out
+    out = np.array(out)
+    out[pruned] = _darkened(image)[pruned]
+    period = hatch_period(height, grid[0])
+    for state, color in ((DROPPED, HATCH_RGB), (FUSED, FUSED_RGB)):
+        lines, _ = _stripes(height, width, period, PATTERNS[state])
+        out[(per_pixel == state) & lines] = color
+    return out
+
+
+def hatch_period(height: int, cells: int) -> int:
+    """Stripe period in pixels: two stripes a patch, so that a single pruned patch shows
+    its hatching, and at least 6 px, so that it survives a thumbnail."""
+    return max(6, round(height / max(1, cells) / 2))
+
+
+def pattern_swatch(pattern: str, size: int) -> np.ndarray:
+    """A ``size``-pixel legend square hatched as pruned patches are ("dropped", "fused")."""
+    tile = np.full((size, size, 3), DROPPED_RGB, dtype=np.uint8)
+    lines, _ = _stripes(size, size, max(5, size // 3), pattern)
+    tile[lines] = HATCH_RGB if pattern == "dropped" else FUSED_RGB
+    return tile
+
+
+def _stripes(
+    height: int, width: int, period: int, pattern: str, fraction: float = 0.3
+) -> tuple[np.ndarray, np.ndarray]:
+    """Diagonal stripes (``/`` for "dropped", ``\\`` for "fused") covering ``fraction``
+    of the area, and the as wide dark edge beside each stripe, as boolean masks."""
     y, x = np.mgrid[0:height, 0:width]
-    return ((x + y) % period) < max(1, period // 3)
+    along = (x + y) if pattern == "dropped" else (x - y)
+    width_ = max(1, round(fraction * period))
+    phase = along % period
+    return phase < width_, (phase >= width_) & (phase < min(period, 2 * width_))
+
+
+def _stripe_cells(
+    out: np.ndarray, cells: np.ndarray, grid: tuple[int, int], pattern: str
+) -> np.ndarray:
+    """``out`` with stripes (no dark ground) over ``cells`` [N] bool: a state drawn over
+    what the patch shows, such as the score of the fused token its patches share."""
+    height, width = out.shape[:2]
+    where = upsample_cells(np.asarray(cells).reshape(grid), height, width)
+    lines, edges = _stripes(height, width, hatch_period(height, grid[0]), pattern, 0.15)
+    out = np.array(out)
+    out[where & edges] = DROPPED_RGB
+    out[where & lines] = HATCH_RGB if pattern == "dropped" else FUSED_RGB
+    return out
 
 
 def _to_uint8(values: np.ndarray) -> np.ndarray:

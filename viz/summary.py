@@ -1,8 +1,9 @@
-"""Numbers for display: top classes with probabilities, feature fidelity, cost savings."""
+"""Numbers for display: top classes with probabilities, feature fidelity, cost savings,
+and the notes a page shows beside them."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +53,35 @@ def reduction_percent(reduced_gmacs: float, full_gmacs: float) -> float:
     if full_gmacs <= 0:
         return 0.0
     return 100.0 * (1.0 - reduced_gmacs / full_gmacs)
+
+
+REGISTERS_PAPER = "https://arxiv.org/abs/2309.16588"
+
+
+def attention_artefact_note(model_name: str, methods: Iterable[str]) -> str | None:
+    """A sentence for CLS-attention methods on DINOv2 without registers (the default
+    model), or None. Its high-norm background tokens draw the CLS attention, so these
+    methods keep border and background patches; without the note a user blames the tool.
+    Which methods rank by CLS attention comes from the reducers (``needs_cls_attn``)."""
+    from analysis.reducers import REDUCERS
+
+    name = model_name.lower()
+    if not (name == "default" or ("dinov2" in name and "reg" not in name)):
+        return None
+    labels = list(
+        dict.fromkeys(
+            REDUCERS[m].label for m in methods if m in REDUCERS and REDUCERS[m].needs_cls_attn
+        )
+    )
+    if not labels:
+        return None
+    return (
+        f"{' and '.join(labels)} rank{'s' if len(labels) == 1 else ''} patches by the CLS "
+        "token's attention. DINOv2 without registers sends much of that attention to a few "
+        "high-norm background tokens, so some border and background patches are kept: an "
+        "artefact of the model, not of the tool (Darcet et al., "
+        f"[Vision Transformers Need Registers]({REGISTERS_PAPER}), ICLR 2024)."
+    )
 
 
 def _name(names: Sequence[str] | None, index: int) -> str:

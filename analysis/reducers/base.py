@@ -28,6 +28,9 @@ class Site(str, Enum):
     BETWEEN = "between"  # on the block output, before the next block
 
 
+MAX_LIST = 1024  # values in a per-layer list (ToMe's r=[...]): one per layer at most
+
+
 @dataclass(frozen=True)
 class Param:
     """A reducer parameter with its type, default and allowed range (inclusive)."""
@@ -43,16 +46,28 @@ class Param:
     def coerce(self, method: str, value: Any) -> Any:
         """Convert a raw value (text or JSON) to this parameter's type, checking its range."""
         if self.allows_list and isinstance(value, (list, tuple)):
-            return tuple(self.coerce(method, item) for item in value)
+            if len(value) > MAX_LIST:
+                raise ScheduleError(
+                    f"{method}: the '{self.name}' list has {len(value):,} values; at most "
+                    f"{MAX_LIST} (one per layer)"
+                )
+            return tuple(self._coerce_one(method, item) for item in value)
+        return self._coerce_one(method, value)
+
+    def _coerce_one(self, method: str, value: Any) -> Any:
         try:
+            if isinstance(value, (list, tuple, dict, set)):
+                raise TypeError(value)
             if self.kind is bool:
                 if isinstance(value, str):
                     lowered = value.strip().lower()
                     if lowered not in {"0", "1", "true", "false", "yes", "no", "on", "off"}:
                         raise ValueError(value)
                     coerced: Any = lowered in {"1", "true", "yes", "on"}
-                else:
+                elif isinstance(value, (bool, int, float)) and value in (0, 1):
                     coerced = bool(value)
+                else:
+                    raise ValueError(value)
             elif self.kind is int:
                 as_float = float(value)
                 if not as_float.is_integer():
@@ -62,9 +77,11 @@ class Param:
                 coerced = float(value)
                 if not math.isfinite(coerced):
                     raise ValueError(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
+            shown = repr(value)
+            shown = shown if len(shown) <= 40 else f"{shown[:39]}…"
             raise ScheduleError(
-                f"{method}: parameter '{self.name}' must be {self.kind.__name__}, got {value!r}"
+                f"{method}: parameter '{self.name}' must be {self.kind.__name__}, got {shown}"
             ) from None
         if self.kind is not bool:
             if self.low is not None and coerced < self.low:
@@ -142,6 +159,7 @@ class Reduction:
     token_map: Tensor
     scores: Tensor | None = None
     soft_assignment: Tensor | None = None  # [B, T_old, T_new] for soft methods, display only
+    fused: Tensor | None = None  # [B, T_new] bool: tokens pooling pruned ones (EViT), display
 
 
 @dataclass(frozen=True)

@@ -62,9 +62,14 @@ class EViT(TopK):
         fused_size = (state.size * dropped).sum(dim=1, keepdim=True)
         fused_index = keep_idx.shape[1]
         token_map = torch.where(dropped, fused_index, reduction.token_map)
+        fused = torch.zeros(
+            token_map.shape[0], fused_index + 1, dtype=torch.bool, device=token_map.device
+        )
+        fused[:, fused_index] = True  # the trace tells pruned-and-fused from merged by this
         return Reduction(
             x=torch.cat([reduction.x, fused_x], dim=1),
             size=torch.cat([reduction.size, fused_size], dim=1),
             token_map=token_map,
             scores=scores,
+            fused=fused,
         )

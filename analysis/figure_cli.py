@@ -62,6 +62,8 @@ def figure_main(argv: list[str] | None = None) -> int:
             f"--out {out.name}: give a .pdf, .svg or .png file (or --format), not {fmt!r}"
         )
     config = FigureConfig.from_json(text)
+    from analysis.cli import _device
+
     data = build_figure_data(config, device=_device(args.device), base=config_path.resolve().parent)
     figure = draw_figure(data)
     payload = export(figure, fmt)
@@ -75,16 +77,6 @@ def figure_main(argv: list[str] | None = None) -> int:
         f"{data.config.print.dpi} dpi for rasters, {len(payload) / 1024:.0f} KiB)"
     )
     return 0
-
-
-def _device(name: str) -> str:
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise TokenScopeError("--device cuda was asked for, but no CUDA GPU is available")
-    return name
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,6 +40,7 @@ from analysis.holdout import (
     split_images,
     step_rank,
 )
+from analysis.imagesets import SAMPLE_NAMES
 from analysis.learned import (
     INIT_KEYS,
     LearnedReducer,
@@ -55,29 +56,7 @@ from analysis.reducers.base import LearnedWeights
 
 OFFLINE = "offline"
 # skimage.data images that load without a download (colour first, then grey).
-OFFLINE_IMAGES = (
-    "astronaut",
-    "chelsea",
-    "coffee",
-    "rocket",
-    "hubble_deep_field",
-    "stereo_motorcycle",
-    "retina",
-    "immunohistochemistry",
-    "colorwheel",
-    "logo",
-    "camera",
-    "coins",
-    "horse",
-    "moon",
-    "page",
-    "clock",
-    "brick",
-    "grass",
-    "gravel",
-    "text",
-    "cell",
-)
+OFFLINE_IMAGES = SAMPLE_NAMES
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 
 

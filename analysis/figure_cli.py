@@ -68,9 +68,11 @@ def figure_main(argv: list[str] | None = None) -> int:
     figure = draw_figure(data)
     payload = export(figure, fmt)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_bytes(payload)
+    from analysis.sweep_cache import atomic_write  # a killed export leaves no half file
+
+    atomic_write(out, payload)
     if args.save_config:
-        Path(args.save_config).expanduser().write_text(data.config.to_json(), encoding="utf-8")
+        atomic_write(Path(args.save_config).expanduser(), data.config.to_json().encode("utf-8"))
     width, height = figure.get_size_inches()
     print(
         f"wrote {out} ({fmt.upper()}, {width:.2f} × {height:.2f} in, "

@@ -562,7 +562,9 @@ def train(model: LoadedModel, config: TrainConfig) -> TrainResult:
 
         backbone_path = config.out.with_name(config.out.stem + ".backbone.safetensors")
         state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
-        save_file(state, str(backbone_path), metadata={"backbone": model.name})
+        partial = backbone_path.with_name(backbone_path.name + ".tmp")  # never half a file
+        save_file(state, str(partial), metadata={"backbone": model.name})
+        partial.replace(backbone_path)
         result.backbone_path = backbone_path
     save_learned(
         config.out,

@@ -15,7 +15,7 @@ import pytest
 
 from tests.fuzzing import KINDS, Harness
 
-CASES = int(os.environ.get("TOKENSCOPE_FUZZ_CASES", "250"))
+CASES = int(os.environ.get("TOKENSCOPE_FUZZ_CASES", "200"))
 SLOW_KINDS = {"checkpoint": 0.6}  # each builds a model: fewer cases
 
 

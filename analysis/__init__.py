@@ -16,7 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _HOMES = {
-    "RunResult": "analysis.engine",
+    "RunResult": "analysis.records",
     "run": "analysis.engine",
     "CheckpointMismatchError": "analysis.errors",
     "ImageError": "analysis.errors",
@@ -31,7 +31,7 @@ _HOMES = {
 }
 
 if TYPE_CHECKING:
-    from analysis.engine import RunResult, run
+    from analysis.engine import run
     from analysis.errors import (
         CheckpointMismatchError,
         ImageError,
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
         UnsupportedModelError,
     )
     from analysis.models import LoadedModel, load_model
+    from analysis.records import RunResult
     from analysis.schedule import Schedule, parse_schedule
 
 

@@ -43,7 +43,7 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
-from analysis.engine import RunResult
+from analysis.records import RunResult
 from analysis.trace import Trace
 
 KeptMode = Literal["intact", "alive"]

@@ -48,16 +48,20 @@ def _input_size(model, img_size: int | None) -> int:
 
 
 def cmd_flops(args: argparse.Namespace) -> dict[str, Any]:
-    """Analytic cost of a schedule; no image is run."""
+    """Analytic cost of a schedule; no image is run, so no weight is read either (the
+    model is built on the meta device) and ``--device`` does not matter."""
     from analysis.flops import count_macs
     from analysis.models import model_facts
     from analysis.schedule import parse_schedule
+    from analysis.structure import bind_structures, load_structure
 
-    model = _load(args)
+    model = load_structure(args.model, args.weights, img_size=args.img_size)
     size = _input_size(model, args.img_size)
     facts = model_facts(model.module, model.name, size)
     schedule = parse_schedule(args.schedule)
-    cost = count_macs(facts, schedule.resolve(facts), model.module)
+    resolved = schedule.resolve(facts)
+    bind_structures(resolved, model)
+    cost = count_macs(facts, resolved, model.module)
     full = count_macs(facts, parse_schedule("none").resolve(facts), model.module)
     return {
         "model": model.name,

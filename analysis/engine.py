@@ -7,7 +7,6 @@ one cached model can serve many sessions at once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,30 +16,13 @@ from PIL import Image
 from torch import Tensor, nn
 
 from analysis.errors import DeviceMemoryError, ScheduleError, TokenScopeError, shorten
-from analysis.flops import CostReport, count_macs
-from analysis.images import CropInfo, to_tensor
+from analysis.flops import count_macs
+from analysis.images import to_tensor
 from analysis.models import LoadedModel, model_facts
+from analysis.records import RunResult
 from analysis.reducers.base import Reducer, Signals, Site, TokenState
 from analysis.schedule import ResolvedSchedule, Schedule, parse_schedule
 from analysis.trace import Trace, TraceBuilder
-
-
-@dataclass
-class RunResult:
-    logits: Tensor | None  # [B, classes] or None for a backbone
-    features: Tensor  # [B, D] pooled features
-    trace: Trace
-    cost: CostReport
-    schedule: Schedule
-    crops: list[CropInfo] | None = None
-
-    @property
-    def gmacs(self) -> float:
-        return self.cost.gmacs
-
-    @property
-    def tokens(self) -> list[int]:
-        return self.trace.tokens
 
 
 def run(

@@ -6,9 +6,13 @@ to hurt"). Two remedies live here:
 
 * a validation split: the held-out images are scored with the *hard inference path* (the
   one the app runs) every few steps, and training keeps the best step, step 0 included
-  (``step_rank`` says which is best);
+  (``step_rank`` says which is best, :class:`BestStep` keeps it);
 * CutMix/Mixup of the distillation batches (the DeiT recipe DTEM trains with): the
   teacher sees the same mixed image, so no label is needed.
+
+The trainer (:mod:`analysis.train` and its ``train_*`` steps) imports this module; this
+module imports only the two bottom layers of training, :mod:`analysis.train_data` (the
+image set) and :mod:`analysis.train_losses` (the distillation loss), never the trainer.
 """
 
 from __future__ import annotations
@@ -22,9 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from analysis.train_data import ImageSet
+from analysis.train_losses import distill_loss
+
 if TYPE_CHECKING:
     from analysis.models import LoadedModel
-    from analysis.train import ImageSet
 
 AUTO = -1
 
@@ -37,7 +43,6 @@ def auto_holdout(num_images: int) -> int:
 def split_images(images: ImageSet, count: int) -> tuple[ImageSet, ImageSet | None]:
     """Hold out ``count`` images spread evenly over the list (the same ones every run)."""
     from analysis.errors import TokenScopeError
-    from analysis.train import ImageSet
 
     if count == AUTO:
         count = auto_holdout(len(images))
@@ -111,8 +116,6 @@ class Validation:
             if self.labels is not None and model.is_classifier:
                 value = F.cross_entropy(student, self.labels.to(student.device))
             else:
-                from analysis.train import distill_loss
-
                 value = distill_loss(model, student, self.teacher.to(student.device))
             result.append(float(value))
         return result
@@ -183,8 +186,73 @@ def snapshot(modules: dict[int, nn.Module]) -> dict[int, dict[str, Tensor]]:
     }
 
 
+@dataclass
+class BestStep:
+    """Validation during training: when it is due, and the best step so far (the one saved).
+
+    ``best`` holds that step's number, losses and modules; it goes into the resume file as
+    it is, so a resumed run keeps the same step.
+    """
+
+    validation: Validation
+    every: int  # steps between validations
+    best: dict[str, Any] = field(default_factory=dict)
+
+    def due(self, done: int, steps: int) -> bool:
+        """Whether to validate after ``done`` steps: every ``every``, and after the last."""
+        return done % self.every == 0 or done == steps
+
+    def record(self, step: int, losses: list[float], modules: dict[int, nn.Module]) -> str:
+        """Add ``step``'s losses, keep its modules if it ranks best; returns the line to show."""
+        history = self.validation.history
+        history.append((step, losses))
+        untrained = history[0][1]
+        best = self.best
+        if not best or step_rank(losses, untrained) < step_rank(best["losses"], untrained):
+            best.update(step=step, losses=losses, modules=snapshot(modules))
+        worst, mean = relative(losses, untrained)
+        return (
+            f"step {step}: validation loss "
+            + ", ".join(f"{v:.5f}" for v in losses)
+            + f" (of untrained: worst {worst:.3f}, mean {mean:.3f}; best step {best['step']})"
+        )
+
+    def state(self) -> dict[str, Any]:
+        """What a resume file keeps of validation."""
+        return {"history": self.validation.history, "best": self.best}
+
+    def resume(self, state: dict[str, Any]) -> None:
+        """Continue from :meth:`state` as a resume file gave it back (``{}``: nothing)."""
+        if state:
+            self.validation.history = [(at, list(values)) for at, values in state["history"]]
+            self.best.update(state["best"])
+
+    def keep_best(self, modules: dict[int, nn.Module], steps: int) -> dict[str, str]:
+        """Load the best step's weights into ``modules``; returns the metadata that says so."""
+        if not self.best:
+            return {}
+        best, history = self.best, self.validation.history
+        for layer, state in best["modules"].items():
+            modules[layer].load_state_dict(state)
+        finished = len(history) and history[-1][0] == steps
+        return {
+            "val_images": str(self.validation.num_images),
+            "val_views": str(self.validation.views.shape[0] // self.validation.num_images),
+            "val_every": str(self.every),
+            "val_loss_untrained": _joined(history[0][1]),
+            "val_loss_kept": _joined(best["losses"]),
+            "val_loss_last": _joined(history[-1][1]) if finished else "",
+            "kept_step": str(best["step"]),
+        }
+
+
+def _joined(values: list[float]) -> str:
+    return " | ".join(f"{value:.6g}" for value in values)
+
+
 __all__ = [
     "AUTO",
+    "BestStep",
     "Validation",
     "auto_holdout",
     "mix_batch",

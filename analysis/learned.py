@@ -16,104 +16,32 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from analysis.backbone import LoadedModel
 from analysis.errors import CheckpointMismatchError, ModelLoadError, ScheduleError, shorten
+from analysis.reducers import reducer_class
+from analysis.reducers.base import LearnedWeights
+from analysis.reducers.dtem import DTEMMetric
+from analysis.reducers.learned_base import LearnedReducer, TrainContext
+from analysis.schedule import parse_schedule
 
-if TYPE_CHECKING:
-    from analysis.models import LoadedModel
-    from analysis.reducers.base import LearnedWeights, ModelFacts
-# analysis.reducers imports this module (its learned reducers subclass LearnedReducer), so
-# LearnedWeights is imported where it is built: this module can then be imported first.
+# LearnedReducer and TrainContext live with the reducers (they subclass and use them); they
+# are named here too, where trainers and tests have always imported them from.
 
 FORMAT = "tokenscope-learned"
 FORMAT_VERSION = "1"
 ASSETS_DIR = Path(__file__).resolve().parents[1] / "assets"
 INIT_KEYS = "keys"  # train --init keys: DTEM starts from the attention keys (ToMe)
 TRAINING_ONLY_PREFIX = "aux."  # module parts used only by training (Cropr's auxiliary head)
-
-
-# --------------------------------------------------------------------------- training hooks
-
-
-@dataclass
-class TrainContext:
-    """What a reducer's ``reduce_train`` may read and add to during one training forward.
-
-    ``aux_loss`` scores an auxiliary prediction against this batch's target (labels or the
-    unreduced model's output); reducers append their auxiliary terms to ``losses``.
-    ``scratch`` holds state carried from layer to layer within one forward (DTEM's count of
-    active tokens).
-    """
-
-    aux_loss: Callable[[Tensor], Tensor] | None = None
-    losses: dict[str, Tensor] = field(default_factory=dict)
-    scratch: dict[str, Any] = field(default_factory=dict)
-
-    def add_loss(self, name: str, value: Tensor) -> None:
-        self.losses[name] = self.losses[name] + value if name in self.losses else value
-
-
-class LearnedReducer:
-    """Mixin for reducers with a trained module per layer.
-
-    Subclasses set ``module_class`` (built from keyword config) and implement
-    :meth:`new_module`. ``bind`` stores this run's module on the (per-run) reducer instance;
-    the module itself is never modified.
-    """
-
-    module_class: ClassVar[type[nn.Module]]
-    name: ClassVar[str]
-    label: ClassVar[str]
-    default_lr: ClassVar[float] = 1e-3  # AdamW learning rate of `python -m analysis train`
-
-    _module: nn.Module | None = None
-    _source: str = ""
-
-    def wants_weights(self) -> bool:
-        return True
-
-    def bind(self, weights: LearnedWeights, layer: int) -> None:
-        module = weights.modules.get(layer)
-        source = weights.metadata.get("source", "the loaded weights")
-        if module is None:
-            covered = ", ".join(str(i) for i in sorted(weights.modules)) or "none"
-            raise ScheduleError(
-                f"{self.label}: {source} has no trained module for layer {layer} (it covers "
-                f"layers {covered}). Run {self.name} at those layers, or train one for this "
-                f"layer: python -m analysis train --schedule '{self.name}@{layer}' ..."
-            )
-        self.check_module(module, layer, source)
-        self._module = module
-        self._source = source
-
-    def check_module(self, module: nn.Module, layer: int, source: str) -> None:
-        """Refuse a module whose shape does not fit this reducer's parameters."""
-
-    @property
-    def module(self) -> nn.Module:
-        if self._module is None:
-            raise ScheduleError(f"{self.label} needs trained weights; none are bound")
-        return self._module
-
-    @classmethod
-    def new_module(
-        cls, facts: ModelFacts, values: dict[str, Any], aux_out: int = 0
-    ) -> nn.Module:  # pragma: no cover - abstract
-        """A freshly initialised module for training (``aux_out``: auxiliary head width)."""
-        raise NotImplementedError
-
-
-def _weights(**fields: Any) -> LearnedWeights:
-    from analysis.reducers.base import LearnedWeights
-
-    return LearnedWeights(**fields)
 
 
 def module_config(module: nn.Module) -> dict[str, Any]:
@@ -141,8 +69,6 @@ def init_weights(
     Layers shared by several schedules share one module. ``aux_out`` > 0 adds training-only
     heads (Cropr's auxiliary classifier) of that width.
     """
-    from analysis.schedule import parse_schedule
-
     if seed is not None:
         torch.manual_seed(seed)
     facts = model.facts
@@ -153,7 +79,7 @@ def init_weights(
                 continue
             weights = found.setdefault(
                 reducer.name,
-                _weights(method=reducer.name, metadata={"source": "untrained modules"}),
+                LearnedWeights(method=reducer.name, metadata={"source": "untrained modules"}),
             )
             if layer not in weights.modules:
                 module = reducer.new_module(facts, reducer.values, aux_out)
@@ -204,8 +130,6 @@ def save_learned(
 
     ``info`` becomes string metadata (schedule, data, steps, loss, command, ...).
     """
-    from safetensors.torch import save_file
-
     if not modules:
         raise ValueError("no modules to save")
     path = Path(path)
@@ -239,8 +163,6 @@ def read_metadata(path: str | Path) -> dict[str, str]:
     path = Path(path)
     if path.suffix.lower() != ".safetensors":
         return {}
-    from safetensors import safe_open
-
     try:
         with safe_open(str(path), framework="pt") as handle:
             metadata = handle.metadata() or {}
@@ -271,10 +193,6 @@ def load_learned(path: str | Path, model: LoadedModel | None = None) -> LearnedW
     metadata = read_metadata(path)
     if metadata.get("format") != FORMAT:
         return convert_official(path, model)
-    from safetensors.torch import load_file
-
-    from analysis.reducers import reducer_class
-
     name = shorten(path.name, 80)
     method = _field(metadata, "method", name)
     try:
@@ -334,7 +252,7 @@ def load_learned(path: str | Path, model: LoadedModel | None = None) -> LearnedW
             raise CheckpointMismatchError(f"{name}, layer {layer}: {shorten(error, 200)}") from None
         modules[layer] = _frozen(module, model)
     metadata["source"] = path.name
-    return _weights(method=cls.name, modules=modules, metadata=metadata)
+    return LearnedWeights(method=cls.name, modules=modules, metadata=metadata)
 
 
 def _field(metadata: dict[str, str], key: str, name: str) -> str:
@@ -481,8 +399,6 @@ def _frozen(module: nn.Module, model: LoadedModel | None) -> nn.Module:
 
 def attach(model: LoadedModel, weights: Iterable[LearnedWeights]) -> LoadedModel:
     """A new LoadedModel with these weights added (replacing the same method's)."""
-    from dataclasses import replace
-
     learned = dict(model.learned)
     for item in weights:
         learned[item.method] = item
@@ -513,8 +429,6 @@ def read_state(path: Path) -> dict[str, Tensor]:
     name = shorten(path.name, 80)
     try:
         if path.suffix.lower() == ".safetensors":
-            from safetensors.torch import load_file
-
             state = load_file(str(path))
         else:
             state = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -536,8 +450,6 @@ def convert_official(path: Path, model: LoadedModel | None = None) -> LearnedWei
     decoupled metric, ``Linear(D, f)``), possibly under a DDP ``module.`` prefix. We keep
     the metric layers, and check ``qkv_layer`` against the loaded backbone when present.
     """
-    from analysis.reducers.dtem import DTEMMetric
-
     name = shorten(path.name, 80)
     state = read_state(path)
     metric: dict[int, dict[str, Tensor]] = {}
@@ -594,7 +506,7 @@ def convert_official(path: Path, model: LoadedModel | None = None) -> LearnedWei
         "converted_from": "movinghoon/DTEM checkpoint",
         "backbone": model.name if model is not None else "unknown",
     }
-    return _weights(method="dtem", modules=modules, metadata=metadata)
+    return LearnedWeights(method="dtem", modules=modules, metadata=metadata)
 
 
 def _check_dtem_metric(

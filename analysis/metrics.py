@@ -34,7 +34,7 @@ from torch import Tensor
 from analysis.errors import TokenScopeError
 
 if TYPE_CHECKING:
-    from analysis.engine import RunResult
+    from analysis.records import RunResult
 
 _QUERY_CHUNK = 1024  # k-NN queries per similarity matrix: bounds memory on big banks
 

@@ -23,7 +23,7 @@ them per model and weights.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeAlias
 
 from analysis.errors import ScheduleError, TokenScopeError
 from analysis.flops import count_macs
@@ -32,7 +32,11 @@ from analysis.reducers.base import PaperSetting, every_layer
 from analysis.schedule import Schedule, SchedulePart
 
 if TYPE_CHECKING:
-    from analysis.models import LoadedModel
+    from analysis.backbone import LoadedModel
+
+# What preset lists are built for: a loaded model (with costs) or only a depth (without).
+# Named here so that the app's tables can say so without importing model loading.
+ModelOrDepth: TypeAlias = "LoadedModel | int"
 
 NONE_TITLE = "None (full model)"
 MATCHED_PERCENTS = (75.0, 50.0)  # the cost-matched family, % of the full model's GMACs

@@ -36,12 +36,13 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from analysis.errors import ScheduleError, TokenScopeError
-from analysis.learned import LearnedReducer
 from analysis.reducers import Reducer, reducer_class
+from analysis.reducers.learned_base import LearnedReducer
 from analysis.schedule import Schedule, parse_schedule
+from analysis.strength import strength_param, with_strength
 
 if TYPE_CHECKING:
-    from analysis.models import LoadedModel
+    from analysis.backbone import LoadedModel
 
 SCHEDULE_SEPARATOR = " | "  # how `python -m analysis train` joins its schedules in metadata
 _FLOAT_DIGITS = 4  # spread float strengths are rounded to this many decimals
@@ -130,8 +131,6 @@ def trained_settings(
     or, with ``schedule``, when none of its parts of ``method`` wants weights (MSTM with
     ``ms=0``): then nothing constrains the method's settings.
     """
-    from analysis.solver import strength_param
-
     cls = reducer_class(method)
     if not issubclass(cls, LearnedReducer):
         return None
@@ -235,8 +234,6 @@ def supported_schedules(
     parameters as given; a variant that would still extrapolate (a ramp that leaves the
     range on some layers) is left out. None when the weights do not constrain the method.
     """
-    from analysis.solver import with_strength
-
     base = parse_schedule(base, depth=model.facts.depth)
     methods = base.methods()
     if len(methods) != 1:

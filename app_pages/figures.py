@@ -30,8 +30,8 @@ from analysis.figure_config import (
     PrintSettings,
 )
 from analysis.figure_data import FigureData, build_figure_data, load_figure_model
-from app_pages.common import cached_model
 from app_pages.figures_link import CONFIG_KEY, IMAGES_KEY, MODEL_KEY
+from app_pages.model_inputs import cached_model
 from viz.figures import FORMATS, available_fonts, draw_figure, export
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"

@@ -32,8 +32,9 @@ from analysis.sweep import (
 )
 from analysis.sweep_cache import SweepCache
 from analysis.sweep_job import JobState, SweepJob
-from app_pages.common import ModelKey, keep_widget_state, model_sidebar, show_notices
+from app_pages.common import ModelKey, keep_widget_state, show_notices
 from app_pages.figures_link import send_to_figures
+from app_pages.model_inputs import model_sidebar
 from app_pages.sweep_inputs import image_source_inputs, images_for_spec, method_table, spec_upload
 from viz import tradeoff
 

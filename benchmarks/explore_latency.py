@@ -131,7 +131,7 @@ def pieces(repeat: int) -> None:
             ):
                 times[key].append(1000 * value)
         med = {key: statistics.median(values) for key, values in times.items()}
-        total = med["check"] + med["run"] + med["draw"] + med["strip"]
+        total = med["check"] + med["run"] + med["draw"]  # the filmstrip: only when opened
         print(
             f"{family:22} {med['check']:6.0f} {med['run']:6.0f} {med['draw']:6.0f} "
             f"{med['strip']:6.0f} {total:6.0f} {med['slider']:7.0f}"
@@ -263,8 +263,9 @@ def main() -> None:
     if args.browser:
         browser(args.repeat)
     print(
-        "\nchange = schedule edit until new overlays (pieces: check + run + draw + strip); "
-        "slider = redraw of one layer"
+        "\nchange = schedule edit until new overlays (pieces: check + run + draw; the "
+        "filmstrip (strip) is drawn only while its expander is open); slider = redraw of "
+        "one layer"
     )
 
 

@@ -101,9 +101,9 @@ def rss_mb() -> float:
 
 def shared_model_hash() -> str:
     """sha256 of the shared default model's tensors, as the server's sessions hold it."""
-    from app_pages import common
+    from app_pages import model_inputs
 
-    model = common.cached_model("default", "default", "cpu")
+    model = model_inputs.cached_model("default", "default", "cpu")
     digest = hashlib.sha256()
     for key, value in sorted(model.module.state_dict().items()):
         digest.update(key.encode())

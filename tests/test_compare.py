@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from streamlit.testing.v1 import AppTest
 
-from analysis import run
+from analysis import comparison, run
 from analysis.agreement import METRICS, AgreementMatrix, agreement_matrix
 from tests.test_browser import (
     CHROMIUM_ARGS,
@@ -187,12 +187,12 @@ def test_agreement_on_runs_feeds_the_heatmap(runs):
 
 
 def test_config_round_trips_through_json():
-    config = compare.ComparisonConfig(
+    config = comparison.ComparisonConfig(
         model={"name": "default", "weights": "default", "device": "cpu"},
         images=[{"key": "sample:astronaut", "label": "astronaut"}],
         columns=[
-            compare.ColumnConfig("A · ToMe", "tome", "tome:r=14", {"param": "r", "value": 14}),
-            compare.ColumnConfig("B", "evit:keep=7", None, error="keep=7.0 is above its range"),
+            comparison.ColumnConfig("A · ToMe", "tome", "tome:r=14", {"param": "r", "value": 14}),
+            comparison.ColumnConfig("B", "evit:keep=7", None, error="keep=7.0 is above its range"),
         ],
         layer=6,
         view="segments",
@@ -202,7 +202,7 @@ def test_config_round_trips_through_json():
     )
     text = config.to_json()
     assert json.loads(text)["kind"] == "tokenscope.compare"
-    assert compare.ComparisonConfig.from_json(text) == config
+    assert comparison.ComparisonConfig.from_json(text) == config
 
 
 # --------------------------------------------------------------------------- page

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -354,3 +355,119 @@ def test_dtem_can_start_from_the_keys_and_then_equals_tome(images, tmp_path):
     assert torch.allclose(dtem.features, tome.features, atol=1e-5)
     with pytest.raises(TokenScopeError, match="ltm has no such layers"):
         train(model, config("ltm:keep=0.5", tmp_path / "l.safetensors", images, init="keys"))
+
+
+# --------------------------------------------------------------------------- the named steps
+
+
+def test_the_data_step_refuses_before_any_model_work(tmp_path):
+    from analysis.train_batches import training_images
+
+    labelled = write_images(tmp_path / "three", 6, classes=3)
+    two_classes = tiny("vit_small_patch16_224", num_classes=2)
+    with pytest.raises(TokenScopeError, match="class index 2, but"):
+        training_images(two_classes, config("ltm:keep=0.7", tmp_path / "x", labelled))
+    with pytest.raises(TokenScopeError, match="--mix needs distillation"):
+        training_images(backbone(), config("ltm:keep=0.7", tmp_path / "x", labelled, mix=0.5))
+    images, held = training_images(backbone(), config("ltm:keep=0.7", tmp_path / "x", labelled))
+    assert held is None and len(images) == 6 and images.num_classes == 3
+
+
+def test_step_batches_are_the_batches_of_their_steps(images, tmp_path):
+    from analysis.train_batches import sample_batch, step_batches
+    from analysis.train_data import load_images, make_transform
+
+    model = backbone()
+    data = load_images(str(images))
+    transform = make_transform(model, augment=True)
+    cfg = config("dtem:r=2", tmp_path / "x", images, steps=5, mix=1.0)
+    made = list(step_batches(data, transform, cfg, start=2))
+    assert len(made) == 3
+    for step, (batch, labels) in zip(range(2, 5), made, strict=True):
+        assert labels is None
+        assert torch.equal(batch, sample_batch(data, transform, step, 4, 0, mix=1.0)[0])
+
+
+def test_the_learning_rate_warms_up_then_falls_to_zero():
+    from analysis.train_setup import warmup_cosine
+
+    factor = warmup_cosine(steps=100, warmup_fraction=0.1)
+    assert [factor(step) for step in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert factor(10) == pytest.approx(1.0)
+    assert factor(55) == pytest.approx(0.5)
+    assert factor(100) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_the_checkpoint_step_round_trips_and_writes_atomically(images, tmp_path):
+    """A resume file written by one run restores another to the same modules and losses."""
+    from analysis.train_checkpoint import (
+        Progress,
+        checkpoint_due,
+        restore,
+        resume_path,
+        save_resume,
+    )
+    from analysis.train_data import load_images, make_transform
+    from analysis.train_setup import prepare_run
+
+    model = backbone()
+    data = load_images(str(images))
+    transform = make_transform(model, augment=False)
+    cfg = config("dtem:r=2", tmp_path / "w.safetensors", images, checkpoint_every=5, steps=12)
+    due = [done for done in range(1, 13) if checkpoint_due(cfg, done)]
+    assert due == [5, 10, 12]  # every 5 steps, and after the last
+    first = prepare_run(model, cfg, "dtem", data, transform, None)
+    for module in first.opt.trained.modules.values():
+        torch.nn.init.normal_(module.proj.weight)
+    path = resume_path(cfg.out)
+    save_resume(path, first, Progress(start=0, losses=[0.5, 0.25], balance=[0.3]), step=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]  # no .tmp left behind
+    second = prepare_run(backbone(), cfg, "dtem", data, transform, None)
+    progress = restore(path, second)
+    assert (progress.start, progress.losses, progress.balance) == (2, [0.5, 0.25], [0.3])
+    for layer, module in first.opt.trained.modules.items():
+        restored = second.opt.trained.modules[layer]
+        assert torch.equal(module.proj.weight, restored.proj.weight)
+    other = prepare_run(model, replace(cfg, schedules=("dtem:r=3",)), "dtem", data, transform, None)
+    with pytest.raises(TokenScopeError, match="written for the schedules"):
+        restore(path, other)
+
+
+def test_validation_keeps_the_best_step_across_a_resume():
+    from analysis.holdout import BestStep, Validation
+
+    def kept_step() -> BestStep:
+        views = torch.zeros(6, 3, 2, 2)  # 2 images, 3 views each
+        validation = Validation(views=views, labels=None, teacher=views, num_images=2)
+        return BestStep(validation, every=3)
+
+    modules = {0: torch.nn.Linear(2, 2)}
+    tracker = kept_step()
+    assert [tracker.due(done, 10) for done in (2, 3, 9, 10)] == [False, True, True, True]
+    assert "best step 0" in tracker.record(0, [0.4, 0.2], modules)
+    with torch.no_grad():
+        modules[0].weight.fill_(1.0)
+    assert "best step 3" in tracker.record(3, [0.3, 0.1], modules)
+    with torch.no_grad():
+        modules[0].weight.fill_(2.0)
+    assert "best step 3" in tracker.record(6, [0.2, 0.3], modules)  # worse at one: not kept
+    resumed = kept_step()
+    resumed.resume(tracker.state())
+    assert resumed.validation.history == tracker.validation.history
+    metadata = resumed.keep_best(modules, steps=10)
+    assert torch.equal(modules[0].weight, torch.ones(2, 2))
+    assert metadata["kept_step"] == "3" and metadata["val_views"] == "3"
+    assert metadata["val_loss_last"] == ""  # step 10 was never validated
+    assert kept_step().keep_best(modules, steps=10) == {}
+
+
+def test_an_ltm_run_with_labels_resumes_after_its_information_bottleneck_began(tmp_path):
+    """The resumed run refits LTM's output clusters before its first step."""
+    folder = write_images(tmp_path / "labelled", 4, classes=2)
+    model = tiny("vit_small_patch16_224", num_classes=2)
+    out = tmp_path / "ltm.safetensors"
+    settings = {"steps": 4, "batch_size": 2, "ib_clusters": 2, "ib_start": 0.25}
+    stopped = train(model, config("ltm:keep=0.7", out, folder, stop_after=2, **settings))
+    resumed = train(model, config("ltm:keep=0.7", out, folder, resume=True, **settings))
+    assert resumed.losses[:2] == stopped.losses and len(resumed.losses) == 4
+    assert all(np.isfinite(resumed.losses))

@@ -412,11 +412,14 @@ def test_display_image_maps_the_crop_back_to_the_original(test_vit):
     assert thumb.shape == (100, 200, 3)
 
 
-def test_png_round_trip(picture):
-    data = overlays.to_png(picture)
+@pytest.mark.parametrize("fast", [False, True])
+def test_png_round_trip(picture, fast):
+    """Both encodings are lossless and keep RGB order (OpenCV's own order is BGR)."""
+    data = overlays.to_png(picture, fast=fast)
     assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    assert np.array_equal(np.asarray(Image.open(__import__("io").BytesIO(data))), picture)
-    assert overlays.to_png(picture, fast=True)[:4] == b"\x89PNG"
+    decoded = Image.open(__import__("io").BytesIO(data))
+    assert decoded.mode == "RGB"
+    assert np.array_equal(np.asarray(decoded), picture)
 
 
 # --------------------------------------------------------------------------- real traces

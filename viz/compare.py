@@ -4,16 +4,14 @@ Pure functions, testable without Streamlit: ``render_view`` draws one method's t
 one of the Explore views, ``compose_grid`` lays such pictures out as one labelled RGB
 array (images × methods, or methods × layers) ready to save as a PNG,
 ``agreement_heatmap``/``agreement_lines`` draw the agreement metrics, and
-``comparison_table`` turns per-method summaries into a table. ``ComparisonConfig`` is the
-JSON record that says how a comparison figure was made, so it can be drawn again.
+``comparison_table`` turns per-method summaries into a table.
 """
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import cv2
@@ -23,8 +21,8 @@ import plotly.graph_objects as go
 from PIL import Image, ImageDraw, ImageFont
 
 from analysis.agreement import AgreementMatrix, AgreementMetric
-from analysis.engine import RunResult
 from analysis.flops import CostReport
+from analysis.records import RunResult
 from analysis.trace import Trace
 from viz import overlays, summary
 from viz.colors import (
@@ -448,46 +446,6 @@ def comparison_table(
     table["run ms"] = [round(1000 * r.seconds, 1) for r in rows]
     table["device"] = [r.device for r in rows]
     return pd.DataFrame(table)
-
-
-# --------------------------------------------------------------------------- config
-
-
-@dataclass(frozen=True)
-class ColumnConfig:
-    name: str
-    schedule: str  # as the user wrote it
-    ran: str | None  # what ran (the solved schedule in matched mode); None: it failed
-    solved: dict[str, Any] | None = None  # {param, value, gmacs, within_tolerance}
-    error: str | None = None
-
-
-@dataclass(frozen=True)
-class ComparisonConfig:
-    """How a comparison was made: enough to draw its figures again (saved as JSON)."""
-
-    model: dict[str, str]  # name, weights, device
-    images: list[dict[str, str]]  # key and label of each image, in row order
-    columns: list[ColumnConfig]
-    layer: int
-    view: str
-    grid_layers: list[int] = field(default_factory=list)
-    matched: dict[str, Any] | None = None  # unit, target, tolerance_percent
-    metric: str = ""
-    kind: str = "tokenscope.compare"
-    version: int = 1
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2)
-
-    @classmethod
-    def from_json(cls, text: str) -> ComparisonConfig:
-        data = json.loads(text)
-        columns = [ColumnConfig(**column) for column in data.pop("columns")]
-        return cls(columns=columns, **data)
 
 
 # --------------------------------------------------------------------------- helpers

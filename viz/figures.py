@@ -356,100 +356,266 @@ def _picture(
     return overlays.render_heatmap(base, trace, cell.layer, index=index, colorbar=False)
 
 
+@dataclass(frozen=True)
+class _PanelBands:
+    """What surrounds a panel's grid and does not depend on its cell size: the legend's
+    place and size, the caption, the title line and the row labels."""
+
+    small: float  # the legend's and caption's font size
+    legend: str  # "right", "bottom", "top" or "none"
+    legend_w: float
+    legend_h: float
+    caption: list[str]
+    caption_h: float
+    title_h: float
+    row_lines: list[list[str]]  # each row label, wrapped
+    label_w: float
+
+
+@dataclass(frozen=True)
+class _PanelLayout:
+    """Where a panel's parts go: inches from the bottom left, the cells in whole pixels."""
+
+    bands: _PanelBands
+    width: float
+    height: float
+    dpi: int
+    side_px: int
+    headers: list[list[str]]  # each column label, wrapped to the cell width
+    header_h: float
+    rows: int
+    columns: int
+
+    @property
+    def side(self) -> float:
+        return self.side_px / self.dpi
+
+    @property
+    def width_px(self) -> int:
+        return round(self.width * self.dpi)
+
+    @property
+    def height_px(self) -> int:
+        return round(self.height * self.dpi)
+
+    @property
+    def grid_w(self) -> float:
+        return self.bands.label_w + self.columns * self.side + (self.columns - 1) * GAP_IN
+
+    @property
+    def grid_h(self) -> float:
+        return self.rows * self.side + (self.rows - 1) * GAP_IN
+
+    @property
+    def left(self) -> float:
+        """The left edge of the row labels: the grid is centred beside the legend."""
+        return PAD_IN + max(0.0, (self.width - 2 * PAD_IN - self.bands.legend_w - self.grid_w) / 2)
+
+    @property
+    def top(self) -> float:
+        """The top of the column headers' band (under the title and a legend on top)."""
+        top = self.height - PAD_IN - self.bands.title_h
+        if self.bands.legend == "top":
+            top -= self.bands.legend_h
+        return top
+
+    @property
+    def header_base(self) -> float:
+        return self.top - self.header_h
+
+    @property
+    def cell_lefts(self) -> list[float]:
+        start = self.left + self.bands.label_w
+        return [start + j * (self.side + GAP_IN) for j in range(self.columns)]
+
+    def row_bottom(self, row: int) -> float:
+        return self.header_base - (row + 1) * self.side - row * GAP_IN
+
+    def legend_box(self) -> tuple[float, float, float, float]:
+        """The legend's x, y, width and height in inches."""
+        bands = self.bands
+        grid_x = self.left + bands.label_w
+        bottom = self.header_base - self.grid_h
+        if bands.legend == "top":
+            return (grid_x, self.top, self.columns * self.side, bands.legend_h)
+        if bands.legend == "bottom":
+            return (grid_x, bottom - bands.legend_h, self.columns * self.side, bands.legend_h)
+        x = self.left + self.grid_w + 2 * GAP_IN
+        return (x, bottom, bands.legend_w - 2 * GAP_IN, self.grid_h)
+
+
 def _panel(data: FigureData, settings: PrintSettings) -> Figure:
-    config = data.config
-    family, size, dpi = settings.font_family, settings.font_size, settings.dpi
-    small = max(MIN_TEXT_PT, size - 1)
+    """A grid of pictures under column headers with row labels at its left, then the
+    legend and the caption: laid out first, in whole pixels, then drawn."""
     row_labels, column_labels, cells = _panel_grid(data)
-    rows, columns = len(cells), len(column_labels)
-    width = settings.width_in
+    layout = _panel_layout(data, settings, row_labels, column_labels, len(cells))
+    size, small = settings.font_size, layout.bands.small
+    figure = _new_figure(layout.width_px, layout.height_px, settings.dpi)
+    if settings.title:
+        figure.text(
+            0.5, 1 - (PAD_IN / layout.height), settings.title, ha="center", va="top", size=size + 1
+        )
+    _draw_column_headers(figure, layout, size)
+    _draw_panel_rows(figure, data, layout, cells, size)
+    if layout.bands.legend != "none":
+        place, box = layout.bands.legend, layout.legend_box()
+        _panel_legend(figure, data.config, data, place, box, (layout.width, layout.height), small)
+    if layout.bands.caption:
+        figure.text(
+            PAD_IN / layout.width,
+            PAD_IN / layout.height,
+            "\n".join(layout.bands.caption),
+            ha="left",
+            va="bottom",
+            size=small,
+            linespacing=LINE,
+        )
+    return figure
+
+
+def _panel_bands(
+    data: FigureData, settings: PrintSettings, row_labels: list[str], rows: int
+) -> _PanelBands:
+    """Measure the legend, caption, title and row labels of a panel of ``rows`` rows."""
+    config = data.config
+    family, size, dpi, width = (
+        settings.font_family,
+        settings.font_size,
+        settings.dpi,
+        settings.width_in,
+    )
+    small = max(MIN_TEXT_PT, size - 1)
     legend = _panel_legend_kind(config, settings)
-    if legend == "right" and len(cells) * 0.8 < _right_legend_height(config, small):
+    if legend == "right" and rows * 0.8 < _right_legend_height(config, small):
         legend = "bottom"  # a short grid has no room for it at the side
     legend_w = _legend_width(config, data, small, family, dpi) if legend == "right" else 0.0
     has_bar = _colorbar_mappable(config, data.depth) is not None
     legend_h = _band_height(small, has_bar) if legend in ("bottom", "top") else 0.0
     caption = _caption_lines(data, settings, width - 2 * PAD_IN)
-    caption_h = len(caption) * _line_in(small) + (3 * GAP_IN if caption else 0.0)
-    title_h = _line_in(size + 1) + GAP_IN if settings.title else 0.0
-
     label_max = 0.26 * width
-    wrapped_rows = [wrap(text, label_max, size, family, dpi) for text in row_labels]
-    label_w = max(text_width(line, size, family, dpi) for lines in wrapped_rows for line in lines)
-    label_w = min(label_w, label_max) + 2 * GAP_IN
-    usable = width - 2 * PAD_IN - label_w - legend_w - (columns - 1) * GAP_IN
+    row_lines = [wrap(text, label_max, size, family, dpi) for text in row_labels]
+    label_w = max(text_width(line, size, family, dpi) for lines in row_lines for line in lines)
+    return _PanelBands(
+        small=small,
+        legend=legend,
+        legend_w=legend_w,
+        legend_h=legend_h,
+        caption=caption,
+        caption_h=len(caption) * _line_in(small) + (3 * GAP_IN if caption else 0.0),
+        title_h=_line_in(size + 1) + GAP_IN if settings.title else 0.0,
+        row_lines=row_lines,
+        label_w=min(label_w, label_max) + 2 * GAP_IN,
+    )
+
+
+def _panel_layout(
+    data: FigureData,
+    settings: PrintSettings,
+    row_labels: list[str],
+    column_labels: list[str],
+    rows: int,
+) -> _PanelLayout:
+    """Size the cells to the print width (and height, for a fixed aspect), in whole
+    pixels that hold each patch in the same number of pixels."""
+    bands = _panel_bands(data, settings, row_labels, rows)
+    side, height = _cell_side(settings, bands, column_labels, rows)
+    dpi, size, family = settings.dpi, settings.font_size, settings.font_family
+    cells_per_side = max(data.grid)
+    side_px = max(cells_per_side, cells_per_side * int(side * dpi // cells_per_side))
+    headers = [wrap(text, side_px / dpi, size, family, dpi) for text in column_labels]
+    header_h = max(len(h) for h in headers) * _line_in(size) + GAP_IN
+    if height is None:  # a free aspect: as tall as the grid needs
+        grid_h = rows * (side_px / dpi) + (rows - 1) * GAP_IN
+        height = 2 * PAD_IN + bands.title_h + header_h + grid_h + bands.legend_h + bands.caption_h
+    return _PanelLayout(
+        bands=bands,
+        width=settings.width_in,
+        height=height,
+        dpi=dpi,
+        side_px=side_px,
+        headers=headers,
+        header_h=header_h,
+        rows=rows,
+        columns=len(column_labels),
+    )
+
+
+def _cell_side(
+    settings: PrintSettings, bands: _PanelBands, column_labels: list[str], rows: int
+) -> tuple[float, float | None]:
+    """The largest cell side (inches) the width allows, and, for a fixed aspect, the
+    height, the side shrunk to fit it; refuses a figure with no room for its pictures."""
+    family, size, dpi, width = (
+        settings.font_family,
+        settings.font_size,
+        settings.dpi,
+        settings.width_in,
+    )
+    columns = len(column_labels)
+    usable = width - 2 * PAD_IN - bands.label_w - bands.legend_w - (columns - 1) * GAP_IN
     side = min(usable / columns, 2.4)
     if side < 0.25:
         raise TokenScopeError(
             f"figure configuration: 'print.width_in' {width:g} in is too narrow for "
             f"{columns} columns of pictures; widen the figure or show fewer columns"
         )
-
-    def header(side_in: float) -> list[list[str]]:
-        return [wrap(text, side_in, size, family, dpi) for text in column_labels]
+    if settings.aspect is None:
+        return side, None
 
     def fixed(side_in: float) -> float:
-        lines = max(len(h) for h in header(side_in))
-        return 2 * PAD_IN + title_h + lines * _line_in(size) + GAP_IN + legend_h + caption_h
-
-    if settings.aspect is not None:
-        height = width * settings.aspect
-        for _ in range(3):  # a smaller cell can wrap its header onto more lines
-            room = (height - fixed(side) - (rows - 1) * GAP_IN) / rows
-            side = min(side, room)
-        if side < 0.25:
-            raise TokenScopeError(
-                f"figure configuration: 'print.aspect' {settings.aspect:g} leaves no room "
-                f"for {rows} rows of pictures; give a taller aspect (or none, to fit the grid)"
-            )
-    cells_per_side = max(data.grid)
-    side_px = max(cells_per_side, cells_per_side * int(side * dpi // cells_per_side))
-    side = side_px / dpi
-    headers = header(side)
-    header_h = max(len(h) for h in headers) * _line_in(size) + GAP_IN
-    grid_h = rows * side + (rows - 1) * GAP_IN
-    if settings.aspect is None:
-        height = 2 * PAD_IN + title_h + header_h + grid_h + legend_h + caption_h
-    width_px, height_px = round(width * dpi), round(height * dpi)
-    figure = _new_figure(width_px, height_px, dpi)
-
-    def px(inches: float) -> int:
-        return round(inches * dpi)
-
-    grid_w = label_w + columns * side + (columns - 1) * GAP_IN
-    left = PAD_IN + max(0.0, (width - 2 * PAD_IN - legend_w - grid_w) / 2)
-    top = height - PAD_IN - title_h  # inches from the bottom
-    if legend == "top":
-        legend_box = (left + label_w, top - legend_h, columns * side, legend_h)
-        top -= legend_h
-    if settings.title:
-        figure.text(
-            0.5, 1 - (PAD_IN / height), settings.title, ha="center", va="top", size=size + 1
+        lines = max(len(wrap(text, side_in, size, family, dpi)) for text in column_labels)
+        return (
+            2 * PAD_IN
+            + bands.title_h
+            + lines * _line_in(size)
+            + GAP_IN
+            + bands.legend_h
+            + bands.caption_h
         )
-    header_base = top - header_h
-    cell_lefts = [left + label_w + j * (side + GAP_IN) for j in range(columns)]
-    for x, lines in zip(cell_lefts, headers, strict=True):
+
+    height = width * settings.aspect
+    for _ in range(3):  # a smaller cell can wrap its header onto more lines
+        room = (height - fixed(side) - (rows - 1) * GAP_IN) / rows
+        side = min(side, room)
+    if side < 0.25:
+        raise TokenScopeError(
+            f"figure configuration: 'print.aspect' {settings.aspect:g} leaves no room "
+            f"for {rows} rows of pictures; give a taller aspect (or none, to fit the grid)"
+        )
+    return side, height
+
+
+def _draw_column_headers(figure: Figure, layout: _PanelLayout, size: float) -> None:
+    for x, lines in zip(layout.cell_lefts, layout.headers, strict=True):
         figure.text(
-            (x + side / 2) / width,
-            (header_base + GAP_IN / 2) / height,
+            (x + layout.side / 2) / layout.width,
+            (layout.header_base + GAP_IN / 2) / layout.height,
             "\n".join(lines),
             ha="center",
             va="bottom",
             size=size,
             linespacing=LINE,
         )
-    thickness = max(1, round(0.25 / 72 * dpi))  # each side of a segment edge: 1/4 pt
+
+
+def _draw_panel_rows(
+    figure: Figure, data: FigureData, layout: _PanelLayout, cells: list[list[_Cell]], size: float
+) -> None:
+    """Each row's label, then its pictures, each in an axes of exactly its pixels."""
+    side_px, width, height = layout.side_px, layout.width, layout.height
+    thickness = max(1, round(0.25 / 72 * layout.dpi))  # each side of a segment edge: 1/4 pt
     bases = {
         index: overlays.display_image(
             image.original, image.crop, data.grid, min_side=side_px, max_side=side_px
         )
         for index, image in enumerate(data.images)
     }
-    for i, (lines, row) in enumerate(zip(wrapped_rows, cells, strict=True)):
-        y = header_base - (i + 1) * side - i * GAP_IN
+    label_x = (layout.left + layout.bands.label_w - GAP_IN) / width
+    for i, (lines, row) in enumerate(zip(layout.bands.row_lines, cells, strict=True)):
+        y = layout.row_bottom(i)
         figure.text(
-            (left + label_w - GAP_IN) / width,
-            (y + side / 2) / height,
+            label_x,
+            (y + layout.side / 2) / height,
             "\n".join(lines),
             ha="right",
             va="center",
@@ -457,34 +623,20 @@ def _panel(data: FigureData, settings: PrintSettings) -> Figure:
             multialignment="right",
             linespacing=LINE,
         )
-        for x, cell in zip(cell_lefts, row, strict=True):
-            box = (px(x) / width_px, px(y) / height_px, side_px / width_px, side_px / height_px)
+        for x, cell in zip(layout.cell_lefts, row, strict=True):
+            box = (
+                round(x * layout.dpi) / layout.width_px,
+                round(y * layout.dpi) / layout.height_px,
+                side_px / layout.width_px,
+                side_px / layout.height_px,
+            )
             axes = figure.add_axes(box)
             axes.set_axis_off()
             picture = _picture(data, cell, bases, thickness)
             if isinstance(picture, str):
-                _placeholder(axes, picture, small)
+                _placeholder(axes, picture, layout.bands.small)
             else:
                 axes.imshow(picture, interpolation="none", resample=False, aspect="equal")
-    bottom = header_base - grid_h
-    if legend == "bottom":
-        legend_box = (left + label_w, bottom - legend_h, columns * side, legend_h)
-    elif legend == "right":
-        x = left + grid_w + 2 * GAP_IN
-        legend_box = (x, bottom, legend_w - 2 * GAP_IN, grid_h)
-    if legend != "none":
-        _panel_legend(figure, config, data, legend, legend_box, (width, height), small)
-    if caption:
-        figure.text(
-            PAD_IN / width,
-            PAD_IN / height,
-            "\n".join(caption),
-            ha="left",
-            va="bottom",
-            size=small,
-            linespacing=LINE,
-        )
-    return figure
 
 
 def _placeholder(axes: Axes, note: str, size: float) -> None:

@@ -7,18 +7,16 @@ appears in the editor and the presets without any change to this file.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from analysis.errors import ScheduleError
-from analysis.presets import NONE_TITLE, layout_presets, model_presets
+from analysis.presets import NONE_TITLE, ModelOrDepth, layout_presets, model_presets
 from analysis.reducers import REDUCERS, Reducer, Site, reducer_class
 from analysis.schedule import Schedule, SchedulePart, parse_schedule
 from analysis.schedule import parse_params as parse_schedule_params
-
-if TYPE_CHECKING:
-    from analysis.models import LoadedModel
 
 NO_METHOD = "—"
 LAYER_COLUMN = "layer"
@@ -202,7 +200,7 @@ def _key(values: dict[str, Any]) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in values.items()))
 
 
-def presets(model: LoadedModel | int) -> dict[str, str]:
+def presets(model: ModelOrDepth) -> dict[str, str]:
     """Preset schedules by title (:mod:`analysis.presets`): none, then per method its
     default, its paper settings and, given a model, its matches at 75 % and 50 % of the
     full model's cost. With only a depth, the presets that need no cost."""
@@ -210,9 +208,11 @@ def presets(model: LoadedModel | int) -> dict[str, str]:
     return {preset.title: preset.schedule for preset in found}
 
 
+@functools.lru_cache(maxsize=512)
 def canonical_text(text: str, depth: int) -> str:
     """A schedule's shortest text form: defaults left out, layers compacted, so that
-    ``evit:keep=0.7@3,6,9`` and ``evit@3,6,9`` compare equal. Raises ScheduleError."""
+    ``evit:keep=0.7@3,6,9`` and ``evit@3,6,9`` compare equal. Raises ScheduleError.
+    Cached: every rerun compares the schedule with each preset."""
     schedule = parse_schedule(text, depth=depth)
     return rows_to_schedule(schedule_to_rows(schedule, depth), depth).to_text()
 
@@ -261,3 +261,18 @@ def _format_value(value: Any) -> str:
     if value is None:
         return ""
     return str(value)
+
+
+def method_reference() -> str:
+    """Every registered method with its parameters, defaults and ranges, as markdown."""
+    by_method: dict[str, list[dict[str, str]]] = {}
+    for row in method_help():
+        by_method.setdefault(row["method"], []).append(row)
+    lines = []
+    for cls in REDUCERS.values():
+        lines.append(f"**{cls.label}** (`{cls.name}`, {cls.site.value}): {cls.description}")
+        for row in by_method.get(f"{cls.label} ({cls.name})", []):
+            bounds = f" in {row['range']}" if row["range"] else ""
+            lines.append(f"- `{row['parameter']}={row['default']}`{bounds}: {row['meaning']}")
+        lines.append("")
+    return "\n".join(lines)

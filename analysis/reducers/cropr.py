@@ -27,7 +27,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.learned import LearnedReducer, TrainContext
 from analysis.reducers.base import (
     ModelFacts,
     PaperSetting,
@@ -42,6 +41,7 @@ from analysis.reducers.base import (
     select_tokens,
     topk_patch_indices,
 )
+from analysis.reducers.learned_base import LearnedReducer, TrainContext
 
 
 class CroprAux(nn.Module):

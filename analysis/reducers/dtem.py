@@ -18,7 +18,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from analysis.errors import ScheduleError
-from analysis.learned import LearnedReducer, TrainContext
 from analysis.reducers.base import (
     ModelFacts,
     PaperSetting,
@@ -29,6 +28,7 @@ from analysis.reducers.base import (
     identity_reduction,
     merge_by_map,
 )
+from analysis.reducers.learned_base import LearnedReducer, TrainContext
 from analysis.reducers.tome import ToMe, capped_r, match_bipartite
 
 

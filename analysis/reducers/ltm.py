@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.learned import LearnedReducer, TrainContext
 from analysis.reducers.base import (
     ModelFacts,
     PaperSetting,
@@ -47,6 +46,7 @@ from analysis.reducers.base import (
     TokenState,
     identity_reduction,
 )
+from analysis.reducers.learned_base import LearnedReducer, TrainContext
 from analysis.reducers.topk import kept_patches
 
 

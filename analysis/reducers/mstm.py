@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from analysis.learned import LearnedReducer
 from analysis.reducers.base import (
     ModelFacts,
     PaperSetting,
@@ -43,6 +42,7 @@ from analysis.reducers.base import (
     merge_by_map,
     stage_layers,
 )
+from analysis.reducers.learned_base import LearnedReducer
 from analysis.reducers.topk import kept_patches
 
 

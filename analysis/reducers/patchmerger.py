@@ -23,7 +23,6 @@ import torch
 from torch import Tensor, nn
 
 from analysis.errors import ScheduleError
-from analysis.learned import LearnedReducer
 from analysis.reducers.base import (
     ModelFacts,
     PaperSetting,
@@ -35,6 +34,7 @@ from analysis.reducers.base import (
     TokenState,
     identity_reduction,
 )
+from analysis.reducers.learned_base import LearnedReducer
 
 
 class PatchMergerModule(nn.Module):

@@ -217,7 +217,7 @@ def browser(repeat: int) -> None:
             for family in FAMILIES:
                 texts = fresh_schedules(family)
                 change, move = [], []
-                for step in range(repeat):
+                for _ in range(repeat):
                     before = tab.locator(overlay).first.get_attribute("src")
                     box.fill(next(texts))
                     tab.evaluate(reset)
@@ -228,7 +228,10 @@ def browser(repeat: int) -> None:
                     tab.wait_for_function(idle, timeout=120_000)
                     layer = int(slider.get_attribute("aria-valuetext"))
                     last = int(slider.get_attribute("max"))
-                    left = layer == last or (step % 2 == 0 and layer > 0)
+                    # Stay at the last two layers, after every schedule here has acted, so
+                    # that each new schedule changes the overlay (a fast rerun may never
+                    # show Streamlit's status widget, so a same picture cannot be told).
+                    left = layer == last
                     start = time.perf_counter()
                     slider.press("ArrowLeft" if left else "ArrowRight")
                     target = layer - 1 if left else layer + 1

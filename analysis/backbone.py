@@ -192,7 +192,7 @@ def _load_default() -> tuple[nn.Module, DataConfig]:
     )
 
 
-def _create(name: str, **kwargs: Any) -> nn.Module:
+def create_timm_model(name: str, **kwargs: Any) -> nn.Module:
     import timm
 
     try:
@@ -215,13 +215,11 @@ def _create(name: str, **kwargs: Any) -> nn.Module:
         raise ModelLoadError(f"timm could not build {name}: {shorten(error, 160)}") from None
 
 
-def _load_timm(
-    name: str, weights: str | Path | None, img_size: int | None
-) -> tuple[nn.Module, DataConfig, str]:
+def timm_arguments(name: str, img_size: int | None) -> dict[str, Any]:
+    """The extra ``timm.create_model`` arguments for a checked name and input size;
+    ModelLoadError for an unknown name or a size outside 16 to 4096 px."""
     import timm
 
-    if weights is None:
-        weights = "hub"
     extra: dict[str, Any] = {}
     if img_size is not None:
         if not 16 <= int(img_size) <= 4096:
@@ -231,6 +229,16 @@ def _load_timm(
         raise ModelLoadError(
             f"unknown timm model '{shorten(name, 60)}'; see timm.list_models('vit_*') for names"
         )
+    return extra
+
+
+def _load_timm(
+    name: str, weights: str | Path | None, img_size: int | None
+) -> tuple[nn.Module, DataConfig, str]:
+
+    if weights is None:
+        weights = "hub"
+    extra = timm_arguments(name, img_size)
     check_before_building(name, extra)
     if weights == "hub":
         module = _create_from_hub(name, extra)
@@ -240,11 +248,11 @@ def _load_timm(
         # cached sweep points stay valid; the caller's own random stream is left alone.
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            module = _create(name, pretrained=False, **extra)
+            module = create_timm_model(name, pretrained=False, **extra)
         label = "random"
     else:
         path = Path(weights)
-        module = _create(name, pretrained=False, **extra)
+        module = create_timm_model(name, pretrained=False, **extra)
         load_checkpoint(module, path, name)
         label = str(path)
     return module, timm_data_config(module), label
@@ -254,7 +262,7 @@ def check_before_building(name: str, extra: dict[str, Any] | None = None) -> int
     """Build ``name`` on the meta device (no memory), refuse it when the engine cannot run
     it or its weights do not fit the memory allowed, and return their size in bytes."""
     with torch.device("meta"):
-        template = _create(name, pretrained=False, **(extra or {}))
+        template = create_timm_model(name, pretrained=False, **(extra or {}))
     check_supported(template, name)
     needed = sum(t.numel() * t.element_size() for t in template.state_dict().values())
     limit, reason = memory_limit()
@@ -308,12 +316,13 @@ def _create_from_hub(name: str, extra: dict[str, Any]) -> nn.Module:
         from huggingface_hub.utils import LocalEntryNotFoundError  # type: ignore[no-redef]
     cached = cached_hub_file(name)
     if cached is not None:
-        return _create(name, pretrained=True, pretrained_cfg_overlay={"file": cached}, **extra)
+        overlay = {"file": cached}
+        return create_timm_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **extra)
     host = _hub_host(name)
     if hub_offline() or (host is not None and not reachable(host)):
         raise _offline(name, "offline mode is on" if hub_offline() else f"{host} cannot be reached")
     try:
-        return _create(name, pretrained=True, **extra)
+        return create_timm_model(name, pretrained=True, **extra)
     except (LocalEntryNotFoundError, OSError, ConnectionError) as error:
         raise _offline(name, type(error).__name__) from None
 

@@ -21,13 +21,13 @@ from torch import nn
 
 from analysis.backbone import (
     DEFAULT_NAME,
-    MAX_NAME_CHARS,
     DataConfig,
     LoadedModel,
-    _create,
     check_supported,
     checkpoint_shapes,
+    create_timm_model,
     read_checkpoint,
+    timm_arguments,
     timm_data_config,
 )
 from analysis.errors import CheckpointMismatchError, ModelLoadError, ScheduleError, shorten
@@ -78,7 +78,7 @@ def load_structure(
 
 def _meta_timm(name: str, **kwargs: Any) -> nn.Module:
     with torch.device("meta"):
-        return _create(name, pretrained=False, **kwargs)
+        return create_timm_model(name, pretrained=False, **kwargs)
 
 
 def _default_structure() -> tuple[nn.Module, DataConfig]:
@@ -125,18 +125,7 @@ def _timm_structure(
     name: str, weights: str | Path | None, img_size: int | None
 ) -> tuple[nn.Module, DataConfig, str]:
     """A timm ViT as ``_load_timm`` builds it; hub weights are not needed for its shapes."""
-    import timm
-
-    extra: dict[str, Any] = {}
-    if img_size is not None:
-        if not 16 <= int(img_size) <= 4096:
-            raise ModelLoadError(f"img_size must be 16 to 4096 px, got {img_size}")
-        extra["img_size"] = img_size
-    if len(name) > MAX_NAME_CHARS or not timm.is_model(name):
-        raise ModelLoadError(
-            f"unknown timm model '{shorten(name, 60)}'; see timm.list_models('vit_*') for names"
-        )
-    module = _meta_timm(name, **extra)
+    module = _meta_timm(name, **timm_arguments(name, img_size))
     label = "hub" if weights is None else str(weights)
     if label not in ("hub", "random"):
         check_checkpoint_fits(module, Path(label), name)

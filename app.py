@@ -18,10 +18,11 @@ import streamlit as st
 
 from analysis.access import allow_from_args
 from app_pages.media import keep_media_files
+from viz.icon import app_icon
 
 allow_from_args(sys.argv[1:])
 keep_media_files()  # pictures survive other sessions' cleanups (no broken images)
-st.set_page_config(page_title="TokenScope", page_icon=":material/grid_view:", layout="wide")
+st.set_page_config(page_title="TokenScope", page_icon=app_icon(), layout="wide")
 
 pages = [
     st.Page("app_pages/explore.py", title="Explore", icon=":material/layers:", default=True),

@@ -203,3 +203,25 @@ def test_pages_are_short() -> None:
         if (count := len(path.read_text(encoding="utf-8").splitlines())) > MAX_PAGE_LINES
     ]
     assert not long, f"app_pages/ files over {MAX_PAGE_LINES} lines:\n  " + "\n  ".join(long)
+
+
+def test_the_favicon_needs_no_network() -> None:
+    """A named icon as ``page_icon`` makes every browser fetch the favicon from
+    fonts.gstatic.com (the load test saw it): an offline server shows none, and a private
+    one tells Google who opened it. The app draws its own (``viz.icon``)."""
+    calls = [
+        node
+        for node in ast.walk(TREES["app"])
+        if isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "set_page_config"
+    ]
+    assert calls, "app.py no longer calls st.set_page_config"
+    for call in calls:
+        for keyword in call.keywords:
+            if keyword.arg == "page_icon":
+                assert not isinstance(keyword.value, ast.Constant), (
+                    f"page_icon={ast.unparse(keyword.value)} is fetched from the network"
+                )
+    from viz.icon import app_icon
+
+    icon = app_icon(64)
+    assert icon.size == (64, 64) and len(set(icon.getdata())) >= 3

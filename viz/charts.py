@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 import plotly.graph_objects as go
 
 from analysis.flops import CostReport
-from viz.plotly_style import light_template
 from viz.summary import ClassScore
 
 FULL_COLOR = "#9aa0a6"
@@ -21,26 +19,27 @@ def tokens_chart(
 ) -> go.Figure:
     """Tokens leaving each layer, reduced against full, with the selected layer marked."""
     layers = list(range(len(reduced.layers)))
-    traces = [
-        {
-            "type": "scatter",
-            "x": layers,
-            "y": list(full.tokens),
-            "name": "full",
-            "mode": "lines+markers",
-            "line": {"color": FULL_COLOR, "dash": "dash"},
-        },
-        {
-            "type": "scatter",
-            "x": layers,
-            "y": list(reduced.tokens),
-            "name": "reduced",
-            "mode": "lines+markers",
-            "line": {"color": REDUCED_COLOR, "width": 3},
-        },
-    ]
-    layout = _layout_spec("Tokens per layer", "tokens after the layer", height, len(layers), layer)
-    return go.Figure(data=traces, layout=layout)
+    figure = go.Figure()
+    figure.add_trace(
+        go.Scatter(
+            x=layers,
+            y=full.tokens,
+            name="full",
+            mode="lines+markers",
+            line={"color": FULL_COLOR, "dash": "dash"},
+        )
+    )
+    figure.add_trace(
+        go.Scatter(
+            x=layers,
+            y=reduced.tokens,
+            name="reduced",
+            mode="lines+markers",
+            line={"color": REDUCED_COLOR, "width": 3},
+        )
+    )
+    _mark_layer(figure, layer)
+    return _layout(figure, "Tokens per layer", "tokens after the layer", height)
 
 
 def gmacs_chart(
@@ -48,26 +47,17 @@ def gmacs_chart(
 ) -> go.Figure:
     """GMACs spent in each layer (block plus reducer), reduced against full."""
     layers = list(range(len(reduced.layers)))
-    traces = [
-        {
-            "type": "bar",
-            "x": layers,
-            "y": list(full.gmacs_per_layer()),
-            "name": "full",
-            "marker": {"color": FULL_COLOR},
-        },
-        {
-            "type": "bar",
-            "x": layers,
-            "y": list(reduced.gmacs_per_layer()),
-            "name": "reduced",
-            "marker": {"color": REDUCED_COLOR},
-        },
-    ]
+    figure = go.Figure()
+    figure.add_trace(
+        go.Bar(x=layers, y=full.gmacs_per_layer(), name="full", marker_color=FULL_COLOR)
+    )
+    figure.add_trace(
+        go.Bar(x=layers, y=reduced.gmacs_per_layer(), name="reduced", marker_color=REDUCED_COLOR)
+    )
+    figure.update_layout(barmode="group", bargap=0.2)
+    _mark_layer(figure, layer)
     title = f"GMACs per layer: {reduced.gmacs:.2f} of {full.gmacs:.2f} in all"
-    layout = _layout_spec(title, "GMACs", height, len(layers), layer)
-    layout.update(barmode="group", bargap=0.2)
-    return go.Figure(data=traces, layout=layout)
+    return _layout(figure, title, "GMACs", height)
 
 
 def topk_chart(
@@ -75,7 +65,7 @@ def topk_chart(
 ) -> go.Figure:
     """Probabilities of the full model's top classes, under the full and reduced model."""
     names = [f"{score.short_name} ({score.index})" for score in full][::-1]
-    figure = go.Figure(layout={"template": light_template()})
+    figure = go.Figure()
     figure.add_trace(
         go.Bar(
             y=names,
@@ -102,38 +92,12 @@ def topk_chart(
     return figure
 
 
-def _layout_spec(
-    title: str, y_title: str, height: int, num_layers: int, layer: int | None
-) -> dict[str, Any]:
-    """The layout of a per-layer chart as one dict: Plotly validates it once."""
-    layout: dict[str, Any] = {
-        "template": light_template(),
-        "title": {"text": title, "font": {"size": 14}},
-        "height": height,
-        "margin": {"l": 10, "r": 10, "t": 40, "b": 10},
-        "legend": {"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1},
-        "xaxis": {"title": {"text": "layer"}, "dtick": 1 if num_layers <= 16 else None},
-        "yaxis": {"title": {"text": y_title}, "rangemode": "tozero"},
-    }
-    if layer is not None:
-        layout["shapes"] = [_layer_band(layer)]
-    return layout
-
-
-def _layer_band(layer: int) -> dict[str, Any]:
-    """A translucent band over the selected layer, the full height of the plot."""
-    return {
-        "type": "rect",
-        "xref": "x",
-        "yref": "y domain",
-        "x0": layer - 0.5,
-        "x1": layer + 0.5,
-        "y0": 0,
-        "y1": 1,
-        "fillcolor": MARKER_COLOR,
-        "opacity": 0.25,
-        "line": {"width": 0},
-    }
+def _mark_layer(figure: go.Figure, layer: int | None) -> None:
+    if layer is None:
+        return
+    figure.add_vrect(
+        x0=layer - 0.5, x1=layer + 0.5, fillcolor=MARKER_COLOR, opacity=0.25, line_width=0
+    )
 
 
 def _layout(figure: go.Figure, title: str, y_title: str, height: int) -> go.Figure:
@@ -142,6 +106,7 @@ def _layout(figure: go.Figure, title: str, y_title: str, height: int) -> go.Figu
         height=height,
         margin={"l": 10, "r": 10, "t": 40, "b": 10},
         legend={"orientation": "h", "yanchor": "bottom", "y": 1.0, "xanchor": "right", "x": 1},
+        template="plotly_white",
     )
     figure.update_xaxes(title_text="layer", dtick=1 if len(figure.data[0].x or ()) <= 16 else None)
     figure.update_yaxes(title_text=y_title, rangemode="tozero")

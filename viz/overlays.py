@@ -442,8 +442,8 @@ def render_crop_box(original: Image.Image, crop: CropInfo, *, side: int = 320) -
 
 
 def to_png(image: np.ndarray, *, fast: bool = False) -> bytes:
-    """PNG bytes of an RGB array. ``fast`` (for display) skips PNG's row filters and
-    compresses lightly: half the time of Pillow's fastest level, at about the same size."""
+    """PNG bytes of an RGB array. ``fast`` (for display) compresses lightly with libpng's
+    fast row filters: two thirds of the time of Pillow's fastest level, at the same size."""
     rgb = _rgb(image)
     if fast:
         ok, encoded = cv2.imencode(".png", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), _FAST_PNG)
@@ -458,7 +458,7 @@ _FAST_PNG = [
     cv2.IMWRITE_PNG_COMPRESSION,
     1,
     cv2.IMWRITE_PNG_FILTER,
-    cv2.IMWRITE_PNG_FILTER_NONE,
+    cv2.IMWRITE_PNG_FAST_FILTERS,
 ]
 
 

@@ -26,7 +26,6 @@ import plotly.graph_objects as go
 
 from analysis.curves import Point, pareto_front
 from viz.colors import FULL_MODEL_COLOR, METHOD_PALETTE, method_color
-from viz.plotly_style import light_template
 
 X_TITLES: dict[str, str] = {
     "gmacs": "GMACs",
@@ -245,47 +244,31 @@ def _figure(
         reference = next((p for p in points if p.method == "none"), None)
     reduced = [p for p in points if p.method != "none" and _placeable(p, metric, x)]
     size = 6 if compact else 8
-    traces: list[go.Scatter] = []
-    shapes: list[dict[str, Any]] = []
+    figure = go.Figure()
 
     front_pool = [*reduced, reference] if reference is not None else reduced
     front = pareto_front(front_pool, metric, x=x, higher_is_better=higher_is_better)
     if front:
-        traces.append(_pareto_trace(front, metric, x, size))
+        figure.add_trace(_pareto_trace(front, metric, x, size))
 
     by_method: dict[str, list[Point]] = {}
     for point in reduced:
         by_method.setdefault(point.method, []).append(point)
     for method, group in by_method.items():
-        traces.append(_method_trace(method, group, metric, x, size, compact))
+        figure.add_trace(_method_trace(method, group, metric, x, size, compact))
 
     if reference is not None and metric in reference.metrics:
-        shapes.append(_full_model_line(reference.metrics[metric].mean))
+        value = reference.metrics[metric].mean
+        figure.add_hline(y=value, line={"color": FULL_MODEL_COLOR, "dash": "dot", "width": 1})
         if _x(reference, x) is not None:
-            traces.append(_reference_trace(reference, metric, x, size))
+            figure.add_trace(_reference_trace(reference, metric, x, size))
 
     if planned:
-        traces.append(_planned_trace(planned, x, size))
+        figure.add_trace(_planned_trace(planned, x, size))
     if highlight is not None and _placeable(highlight, metric, x):
-        traces.append(_highlight_trace(highlight, metric, x, size))
+        figure.add_trace(_highlight_trace(highlight, metric, x, size))
 
-    layout = _layout(metric_label, higher_is_better, x, height, compact, bool(planned))
-    layout["shapes"] = shapes
-    return go.Figure(data=traces, layout=layout)
-
-
-def _full_model_line(value: float) -> dict[str, Any]:
-    """A dotted line across the plot at the full model's value."""
-    return {
-        "type": "line",
-        "xref": "x domain",
-        "yref": "y",
-        "x0": 0,
-        "x1": 1,
-        "y0": value,
-        "y1": value,
-        "line": {"color": FULL_MODEL_COLOR, "dash": "dot", "width": 1},
-    }
+    return _layout(figure, metric_label, higher_is_better, x, height, compact, bool(planned))
 
 
 def _method_trace(
@@ -406,22 +389,22 @@ def _highlight_trace(point: Point, metric: str, x: str, size: int) -> go.Scatter
 
 
 def _layout(
+    figure: go.Figure,
     metric_label: str,
     higher_is_better: bool,
     x: str,
     height: int,
     compact: bool,
     planned: bool,
-) -> dict[str, Any]:
-    """The whole layout as one dict, so Plotly validates it once."""
+) -> go.Figure:
     direction = "higher is better" if higher_is_better else "lower is better"
     font = 10 if compact else 12
-    layout: dict[str, Any] = {
-        "template": light_template(),
-        "height": height,
-        "margin": {"l": 10, "r": 10, "t": 30 if compact else 40, "b": 10},
-        "font": {"size": font},
-        "legend": {
+    figure.update_layout(
+        height=height,
+        template="plotly_white",
+        margin={"l": 10, "r": 10, "t": 30 if compact else 40, "b": 10},
+        font={"size": font},
+        legend={
             "orientation": "h",
             "yanchor": "bottom",
             "y": 1.02,
@@ -430,18 +413,15 @@ def _layout(
             "title": {"text": ""},
             "font": {"size": font - 1 if compact else font},
         },
-        "hovermode": "closest",
-        "xaxis": {"title": {"text": X_TITLES[x]}},
-        "yaxis": {"title": {"text": f"{metric_label} ({direction})"}},
-    }
+        hovermode="closest",
+    )
+    figure.update_xaxes(title_text=X_TITLES[x])
+    figure.update_yaxes(title_text=f"{metric_label} ({direction})")
     if planned:
-        layout["yaxis2"] = {
-            "overlaying": "y",
-            "range": [0, 1],
-            "visible": False,
-            "fixedrange": True,
-        }
-    return layout
+        figure.update_layout(
+            yaxis2={"overlaying": "y", "range": [0, 1], "visible": False, "fixedrange": True}
+        )
+    return figure
 
 
 # --------------------------------------------------------------------------- helpers

@@ -230,13 +230,18 @@ def cached_image_curves(
 
 
 def tradeoff_panel(view: View, model: LoadedModel, model_key: ModelKey, image_key: str) -> None:
-    """Where the current schedule sits against the methods' curves on this image."""
+    """Where the current schedule sits against the methods' curves on this image. ToMe's
+    and EViT's curves are drawn once per image; another method's own curve runs it at six
+    costs (most of a second for a learned method), so it is drawn when asked."""
     reduced, full = view.reduced.result, view.full.result
     cosine = summary.feature_cosine(full.features, reduced.features)
     here = point_of_run(reduced.schedule, reduced.gmacs, full.gmacs, [cosine], "feature_cosine")
+    own = here.method if here.method in DEFAULT_BASES else ""
+    asked = st.session_state.setdefault("own_curves", set())
+    optional = own and own not in IMAGE_CURVE_METHODS and (image_key, own) not in asked
     try:
         curves = cached_image_curves(
-            model_key.cache_key(), image_key, here.method, model, view.original
+            model_key.cache_key(), image_key, "" if optional else own, model, view.original
         )
     except TokenScopeError as error:
         st.info(f"No reference curves for this image: {error}")
@@ -250,10 +255,15 @@ def tradeoff_panel(view: View, model: LoadedModel, model_key: ModelKey, image_ke
         highlight=here,
     )
     st.plotly_chart(figure, key="explore_tradeoff")
+    if optional:
+        label = REDUCERS[own].label
+        if st.button(f"Add {label}'s own curve on this image", key="own_curve"):
+            asked.add((image_key, own))
+            st.rerun()
     st.caption(
-        "The black-edged marker is this schedule; the lines are ToMe, EViT and this method "
-        "at 35–100 % of the full cost on this image. The Trade-off page draws them over an "
-        "image set, with accuracy where labels exist."
+        "The black-edged marker is this schedule; the lines are ToMe, EViT and, when "
+        "added, this method at 35–100 % of the full cost on this image. The Trade-off page "
+        "draws them over an image set, with accuracy where labels exist."
     )
 
 

@@ -14,7 +14,7 @@ Three levels, each on the default model and the astronaut sample:
 
 Every schedule is new to the caches, so each change really runs the model.
 
-    python benchmarks/explore_latency.py [--repeat 7] [--browser]
+    python benchmarks/explore_latency.py [--repeat 7] [--browser] [--presets]
 """
 
 from __future__ import annotations
@@ -159,6 +159,29 @@ def page(repeat: int) -> None:
         print(f"{family:22} {statistics.median(values):6.0f}")
 
 
+def preset_pages() -> None:
+    """The whole page script after choosing each preset of the default model, once each
+    (a preset is new to the run cache the first time), through AppTest."""
+    from streamlit.testing.v1 import AppTest
+
+    from analysis.presets import model_presets
+
+    presets = model_presets(load_model("default"))
+    at = AppTest.from_file(str(ROOT / "app.py"), default_timeout=300)
+    at.run()
+    at.text_area(key="schedule_text").input("tome:r=5,inflect=-0.3").run()  # warm-up
+    print(f"\npresets (AppTest, server side, first run of each): {len(presets)} (ms)")
+    values = []
+    for preset in presets:
+        at.text_area(key="schedule_text").input(preset.schedule)
+        start = time.perf_counter()
+        at.run()
+        values.append(1000 * (time.perf_counter() - start))
+        assert not at.exception and not at.sidebar.error, (preset.schedule, at.sidebar.error)
+        print(f"{values[-1]:6.0f}  {preset.title}")
+    print(f"median {statistics.median(values):.0f}, slowest {max(values):.0f}")
+
+
 def browser(repeat: int) -> None:
     from playwright.sync_api import sync_playwright
 
@@ -252,6 +275,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=7)
     parser.add_argument("--browser", action="store_true", help="also measure in Chromium")
     parser.add_argument("--skip-page", action="store_true", help="skip the AppTest level")
+    parser.add_argument(
+        "--presets", action="store_true", help="also time the page once for every preset"
+    )
     args = parser.parse_args()
     print(
         f"machine: {platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
@@ -263,6 +289,8 @@ def main() -> None:
     worker.join()
     if not args.skip_page:
         page(args.repeat)
+    if args.presets:
+        preset_pages()
     if args.browser:
         browser(args.repeat)
     print(

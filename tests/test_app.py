@@ -7,6 +7,7 @@ The default model is converted once per test session into a temporary cache, and
 from __future__ import annotations
 
 import io
+import json
 import os
 from pathlib import Path
 
@@ -81,6 +82,22 @@ def test_default_start_shows_everything(tokenscope_cache):
     assert "resized to" in texts(at)  # how the image was fitted
     assert "ran on **cpu**" in texts(at)
     assert not at.error and not sidebar_errors(at)
+
+
+def test_a_learned_methods_own_curve_is_drawn_when_asked(tokenscope_cache):
+    """Its curve runs the method at six costs: a schedule change does not wait for it."""
+    at = start()
+    at.text_area(key="schedule_text").input("dtem:r=16").run()
+    assert not at.exception, [e.value for e in at.exception]
+    chart = next(c for c in at.get("plotly_chart") if "explore_tradeoff" in str(c.proto.id))
+    names = {trace["name"] for trace in json.loads(chart.proto.spec)["data"]}
+    assert not any("DTEM" in name for name in names)
+    at.button(key="own_curve").click().run()
+    assert not at.exception, [e.value for e in at.exception]
+    chart = next(c for c in at.get("plotly_chart") if "explore_tradeoff" in str(c.proto.id))
+    names = {trace["name"] for trace in json.loads(chart.proto.spec)["data"]}
+    assert any("DTEM" in name for name in names), names
+    assert not [b for b in at.get("button") if b.key == "own_curve"]
 
 
 def test_slider_moves_the_views(tokenscope_cache):

@@ -616,3 +616,17 @@ def test_display_image_keeps_native_resolution_up_to_the_cap(test_vit):
     _, tiny_crop = fit_to_input(tiny_image, test_vit.data_config)
     small = overlays.display_image(tiny_image, tiny_crop, (10, 10))
     assert small.shape[0] >= overlays.DISPLAY_MIN_SIDE
+
+
+def test_wrap_words_breaks_greedily_and_joins_the_overflow():
+    from viz.wrapping import wrap_words
+
+    def fits(line: str) -> bool:
+        return len(line) <= 10
+
+    assert wrap_words("aaa bbb ccc ddd\neee", fits, 5) == ["aaa bbb", "ccc ddd", "eee"]
+    assert wrap_words("aaa bbb ccc ddd eee", fits, 2) == ["aaa bbb", "ccc ddd eee"]
+    assert wrap_words("averyverylongword x", fits, 3) == ["averyverylongword", "x"]
+    kept = "5\u00a0pt text"  # a no-break space holds its words together when asked
+    assert wrap_words(kept, lambda line: len(line) <= 4, 3, separator=" ") == ["5\u00a0pt", "text"]
+    assert wrap_words(kept, lambda line: len(line) <= 4, 3) == ["5 pt", "text"]

@@ -31,6 +31,7 @@ from viz.colors import (
     hsv_to_rgb,
     layer_colors,
 )
+from viz.wrapping import wrap_words
 
 VIEWS: dict[str, str] = {
     "segments": "Segments",
@@ -529,19 +530,7 @@ def _gradient_strip(ramp: np.ndarray, label: str, extras, width: int, height: in
 def _wrap(font, text: str, width: int, max_lines: int = 2) -> list[str]:
     """Greedy word wrap to ``width`` pixels, keeping explicit line breaks; lines beyond
     ``max_lines`` join the last one, which is cut with an ellipsis."""
-    lines = []
-    for paragraph in text.split("\n"):
-        current = ""
-        for word in paragraph.split():
-            trial = f"{current} {word}".strip()
-            if _text_width(font, trial) <= width or not current:
-                current = trial
-            else:
-                lines.append(current)
-                current = word
-        lines.append(current)
-    if len(lines) > max_lines:
-        lines = [*lines[: max_lines - 1], " ".join(lines[max_lines - 1 :])]
+    lines = wrap_words(text, lambda line: _text_width(font, line) <= width, max_lines)
     return [_fit(font, line, width) for line in lines] or [""]
 
 

@@ -55,6 +55,7 @@ from viz.colors import (
     colormap_lut,
     layer_colors,
 )
+from viz.wrapping import wrap_words
 
 FORMATS: dict[str, str] = {
     "pdf": "application/pdf",
@@ -268,22 +269,12 @@ def wrap(
     text: str, width_in: float, size: float, family: str, dpi: int = 72, max_lines: int = 3
 ) -> list[str]:
     """Greedy word wrap to ``width_in``; extra lines join the last, which may overflow."""
-    lines: list[str] = []
-    for paragraph in text.split("\n"):
-        current = ""
-        for word in paragraph.split(" "):  # not at no-break spaces
-            if not word:
-                continue
-            trial = f"{current} {word}".strip()
-            if not current or text_width(trial, size, family, dpi) <= width_in:
-                current = trial
-            else:
-                lines.append(current)
-                current = word
-        lines.append(current)
-    if len(lines) > max_lines:
-        lines = [*lines[: max_lines - 1], " ".join(lines[max_lines - 1 :])]
-    return lines
+    return wrap_words(
+        text,
+        lambda line: text_width(line, size, family, dpi) <= width_in,
+        max_lines,
+        separator=" ",  # not at no-break spaces
+    )
 
 
 def _line_in(size: float) -> float:

@@ -669,13 +669,10 @@ def _stripe_cells(
 
 
 def _paint(out: np.ndarray, mask: np.ndarray, source: np.ndarray | Sequence[int]) -> None:
-    """``out[mask] = source`` in place (``source`` an image or one colour). OpenCV's masked
-    copy: numpy's boolean indexing of whole pictures was most of the drawing time."""
-    image = isinstance(source, np.ndarray) and source.ndim == 3
-    if not out.flags.c_contiguous:  # OpenCV writes only into C-ordered arrays
-        out[mask] = source[mask] if image else source
-        return
-    if not image:
+    """``out[mask] = source`` in place (``source`` an image or one colour; ``out`` C-ordered,
+    as every renderer here makes it). OpenCV's masked copy: numpy's boolean indexing of
+    whole pictures was most of the drawing time."""
+    if not (isinstance(source, np.ndarray) and source.ndim == 3):
         source = _solid(out.shape[:2], tuple(int(v) for v in source))
     mask = np.ascontiguousarray(mask).view(np.uint8)
     cv2.copyTo(np.ascontiguousarray(source, dtype=np.uint8), mask, out)
